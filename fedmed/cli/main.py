@@ -1,0 +1,60 @@
+"""The ``fedmed`` command: a thin typer front over the library.
+
+Commands live in one module per job family and are registered here. Heavy imports (torch,
+MONAI, Flower) happen inside the commands so that ``fedmed --help`` is instant.
+Exit codes: 0 success, 1 invalid input (a :class:`~fedmed.errors.FedMedError`, printed
+without a traceback), 2 usage errors (typer/click).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from fedmed.cli import certs, data, federation, privacy, train
+from fedmed.errors import FedMedError
+
+app = typer.Typer(
+    name="fedmed",
+    help="Federated 3D medical image segmentation across hospitals.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(data.app, name="data", help="Generate, check and preprocess site datasets.")
+app.add_typer(certs.app, name="certs", help="Certificates and site keys for deployment.")
+app.add_typer(privacy.app, name="privacy", help="Differential-privacy ledger.")
+train.register(app)
+federation.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    err = Console(stderr=True)
+    try:
+        app(args=argv, standalone_mode=False)
+    except FedMedError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 1
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
+    except typer.Abort:
+        err.print("aborted")
+        return 1
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as exc:  # click usage errors carry their own exit code (2)
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Image I/O behind one pair of functions: :func:`read_image` and :func:`write_image`.
+
+The array contract everywhere in fedmed: an image is ``(C, X, Y, Z)`` float32 with a 4x4
+affine that maps voxel indices ``(i, j, k)`` to RAS world coordinates in mm. The voxel order
+is the one on disk (reorienting is a preprocessing step); only the affine is converted, so
+a SimpleITK image (LPS) and a NIfTI image (RAS) of the same scan give the same world
+coordinates.
+
+Formats: ``.nii`` / ``.nii.gz`` through nibabel; ``.nrrd``, ``.mha``, ``.mhd`` and DICOM
+series folders through SimpleITK.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedmed.errors import ImageReadError, ImageWriteError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SITK_SUFFIXES = (".nrrd", ".mha", ".mhd")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
+
+# LPS (ITK) <-> RAS (NIfTI) world coordinates: flip x and y.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image in the array contract.
+
+    Attributes:
+        array: ``(C, X, Y, Z)`` float32 voxels (C = 1 for a 3D file).
+        affine: ``(4, 4)`` float64 voxel-to-RAS-world matrix (mm).
+        source: the file or folder it was read from, if any.
+        header: format-specific geometry to write a derived image back exactly
+            (for NIfTI: ``qform_code``, ``sform_code``, ``qform``, ``sform``).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    source: Path | None = None
+    header: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        """``(X, Y, Z)``."""
+        x, y, z = self.array.shape[1:]
+        return int(x), int(y), int(z)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along each array axis (column norms of the affine)."""
+        s = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return float(s[0]), float(s[1]), float(s[2])
+
+
+def image_suffix(path: Path) -> str:
+    """The image suffix of ``path`` (``.nii.gz`` counts as one), lower-case."""
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return path.suffix.lower()
+
+
+def is_image_path(path: Path) -> bool:
+    """Whether ``path`` names a supported image file (by suffix) or a DICOM folder."""
+    return image_suffix(path) in IMAGE_SUFFIXES or (path.is_dir() and _is_dicom_dir(path))
+
+
+def _is_dicom_dir(path: Path) -> bool:
+    return any(p.suffix.lower() in (".dcm", "") and p.is_file() for p in path.iterdir())
+
+
+def read_image(path: str | Path) -> Image:
+    """Read an image file or DICOM series folder into the array contract.
+
+    Args:
+        path: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``, ``.mhd`` or a DICOM series folder.
+
+    Returns:
+        :class:`Image` with ``array`` ``(C, X, Y, Z)`` float32 and a RAS ``affine``.
+
+    Raises:
+        ImageReadError: missing, unreadable, corrupt or truncated file; unsupported
+            format; an image that is not 3D or 4D (channels last on disk).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(f"{p}: file does not exist (check the path or the manifest)")
+    if p.is_dir():
+        return _read_dicom(p)
+    suffix = image_suffix(p)
+    if suffix in NIFTI_SUFFIXES:
+        return _read_nifti(p)
+    if suffix in SITK_SUFFIXES:
+        return _read_sitk(p)
+    raise ImageReadError(
+        f"{p}: unsupported image format {suffix!r}; expected one of {', '.join(IMAGE_SUFFIXES)} "
+        "or a DICOM series folder"
+    )
+
+
+def _channels_first(data: np.ndarray, p: Path) -> np.ndarray:
+    if data.ndim == 3:
+        data = data[None]
+    elif data.ndim == 4:
+        data = np.moveaxis(data, -1, 0)
+    elif data.ndim == 5 and data.shape[3] == 1:  # NIfTI vector images store (X, Y, Z, 1, C)
+        data = np.moveaxis(data[:, :, :, 0, :], -1, 0)
+    else:
+        raise ImageReadError(
+            f"{p}: expected a 3D image (or 4D with channels last), got shape {data.shape}; "
+            "convert it to one 3D volume per modality"
+        )
+    return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def _read_nifti(p: Path) -> Image:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(p))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for corrupt/truncated files
+        raise ImageReadError(
+            f"{p}: cannot read NIfTI ({type(exc).__name__}: {exc}); the file is corrupt, "
+            "truncated or not a NIfTI image: re-export it from the scanner or PACS"
+        ) from None
+    hdr = img.header
+    qform, qcode = hdr.get_qform(coded=True)
+    sform, scode = hdr.get_sform(coded=True)
+    header: dict[str, object] = {
+        "format": "nifti",
+        "qform_code": int(qcode or 0),
+        "sform_code": int(scode or 0),
+        "qform": None if qform is None else np.asarray(qform),
+        "sform": None if sform is None else np.asarray(sform),
+    }
+    return Image(_channels_first(data, p), np.asarray(img.affine, dtype=np.float64), p, header)
+
+
+def _sitk_affine(img: object) -> np.ndarray:
+    direction = np.asarray(img.GetDirection(), dtype=np.float64)  # type: ignore[attr-defined]
+    dim = int(round(np.sqrt(direction.size)))
+    d = direction.reshape(dim, dim)[:3, :3]
+    spacing = np.asarray(img.GetSpacing(), dtype=np.float64)[:3]  # type: ignore[attr-defined]
+    origin = np.asarray(img.GetOrigin(), dtype=np.float64)[:3]  # type: ignore[attr-defined]
+    aff = np.eye(4)
+    aff[:3, :3] = d @ np.diag(spacing)
+    aff[:3, 3] = origin
+    return _LPS_TO_RAS @ aff
+
+
+def _from_sitk(img: object, p: Path) -> Image:
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(img)  # (Z, Y, X) or (Z, Y, X, C)
+    if img.GetDimension() != 3:  # type: ignore[attr-defined]
+        raise ImageReadError(
+            f"{p}: expected a 3D image, got {img.GetDimension()}D"  # type: ignore[attr-defined]
+        )
+    if arr.ndim == 3:
+        arr = arr.transpose(2, 1, 0)
+    else:
+        arr = arr.transpose(2, 1, 0, 3)
+    return Image(_channels_first(arr, p), _sitk_affine(img), p, {"format": "sitk"})
+
+
+def _read_sitk(p: Path) -> Image:
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(str(p))
+    except Exception as exc:
+        raise ImageReadError(
+            f"{p}: cannot read image ({str(exc).strip().splitlines()[-1]}); the file is corrupt, "
+            "truncated or in another format than its suffix says"
+        ) from None
+    return _from_sitk(img, p)
+
+
+def _read_dicom(p: Path) -> Image:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(p))
+    if not series:
+        raise ImageReadError(f"{p}: folder holds no DICOM series (expected .dcm slices)")
+    if len(series) > 1:
+        raise ImageReadError(
+            f"{p}: folder holds {len(series)} DICOM series; put each series in its own folder"
+        )
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(p), series[0]))
+    try:
+        img = reader.Execute()
+    except Exception as exc:
+        raise ImageReadError(f"{p}: cannot read DICOM series ({exc})") from None
+    return _from_sitk(img, p)
+
+
+def write_image(
+    path: str | Path,
+    array: np.ndarray,
+    affine: np.ndarray,
+    *,
+    reference: Image | None = None,
+    dtype: np.dtype | type | None = None,
+) -> Path:
+    """Write an image in the array contract.
+
+    Args:
+        path: destination; the suffix picks the format (NIfTI via nibabel, else SimpleITK).
+        array: ``(C, X, Y, Z)`` or ``(X, Y, Z)``; C > 1 is written as a 4D/vector image.
+        affine: ``(4, 4)`` voxel-to-RAS matrix.
+        reference: an image read by :func:`read_image` whose header geometry (NIfTI qform/sform
+            codes) is copied, so that the output overlays its source exactly.
+        dtype: on-disk dtype; default the array's.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ImageWriteError: bad array or affine shape, or unsupported suffix.
+    """
+    p = Path(path)
+    arr = np.asarray(array)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim not in (3, 4):
+        raise ImageWriteError(f"{p}: array must be (C, X, Y, Z) or (X, Y, Z), got {arr.shape}")
+    aff = np.asarray(affine, dtype=np.float64)
+    if aff.shape != (4, 4):
+        raise ImageWriteError(f"{p}: affine must be 4x4, got {aff.shape}")
+    if dtype is not None:
+        arr = arr.astype(dtype)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    suffix = image_suffix(p)
+    if suffix in NIFTI_SUFFIXES:
+        _write_nifti(p, arr, aff, reference)
+    elif suffix in SITK_SUFFIXES:
+        _write_sitk(p, arr, aff)
+    else:
+        raise ImageWriteError(
+            f"{p}: unsupported suffix {suffix!r}; use one of {', '.join(IMAGE_SUFFIXES)}"
+        )
+    return p
+
+
+def _write_nifti(p: Path, arr: np.ndarray, aff: np.ndarray, reference: Image | None) -> None:
+    import nibabel as nib
+
+    data = np.moveaxis(arr, 0, -1) if arr.ndim == 4 else arr
+    img = nib.Nifti1Image(data, aff)
+    hdr = reference.header if reference is not None else {}
+    if hdr.get("format") == "nifti":
+        # Keep the source's qform/sform codes so viewers place the mask exactly where the
+        # source is (a viewer may prefer the qform over the sform or vice versa).
+        qform, sform = hdr.get("qform"), hdr.get("sform")
+        img.set_qform(aff if qform is None else qform, code=int(hdr["qform_code"]))  # type: ignore[call-overload]
+        img.set_sform(aff if sform is None else sform, code=int(hdr["sform_code"]))  # type: ignore[call-overload]
+    else:
+        img.set_qform(aff, code=1)
+        img.set_sform(aff, code=1)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(p))
+
+
+def _write_sitk(p: Path, arr: np.ndarray, aff: np.ndarray) -> None:
+    import SimpleITK as sitk
+
+    vector = arr.ndim == 4
+    zyx = arr.transpose(3, 2, 1, 0) if vector else arr.transpose(2, 1, 0)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(zyx), isVector=vector)
+    lps = _LPS_TO_RAS @ aff
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    direction = lps[:3, :3] / spacing
+    img.SetSpacing([float(s) for s in spacing])
+    img.SetDirection([float(v) for v in direction.ravel()])
+    img.SetOrigin([float(v) for v in lps[:3, 3]])
+    sitk.WriteImage(img, str(p), useCompression=True)
+
+
+def write_label_like(path: str | Path, label: np.ndarray, reference: Image) -> Path:
+    """Write a label map in the exact geometry of ``reference``.
+
+    Args:
+        path: destination file.
+        label: ``(X, Y, Z)`` or ``(1, X, Y, Z)`` integer labels on the reference's voxel grid.
+        reference: the source image (shape, affine and header codes are copied).
+
+    Raises:
+        ImageWriteError: the label's shape differs from the reference's spatial shape.
+    """
+    lab = np.asarray(label)
+    if lab.ndim == 4:
+        lab = lab[0]
+    if tuple(lab.shape) != reference.spatial_shape:
+        raise ImageWriteError(
+            f"{path}: label shape {lab.shape} differs from the reference image's "
+            f"{reference.spatial_shape}; resample the label onto the reference grid first"
+        )
+    dtype = np.uint8 if lab.max(initial=0) < 256 and lab.min(initial=0) >= 0 else np.int16
+    return write_image(path, lab.astype(dtype), reference.affine, reference=reference)
+
+
+def world_coordinates(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """World (RAS, mm) coordinates of the 8 corner voxels of a grid: a cheap geometry key."""
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]
+    )
+    return (affine @ corners.T).T[:, :3]
