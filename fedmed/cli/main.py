@@ -13,7 +13,7 @@ import sys
 import typer
 from rich.console import Console
 
-from fedmed.cli import certs, data, federation, privacy, train
+from fedmed.cli import certs, compare_cmd, data, federation, privacy, train
 from fedmed.errors import FedMedError
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ app.add_typer(certs.app, name="certs", help="Certificates and site keys for depl
 app.add_typer(privacy.app, name="privacy", help="Differential-privacy ledger.")
 train.register(app)
 federation.register(app)
+compare_cmd.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,9 @@ from fedmed.data.io import IMAGE_SUFFIXES, image_suffix
 from fedmed.errors import DatasetFormatError
 
 FormatName = Literal["msd", "nnunet", "folder"]
+ManifestProblemKind = Literal[
+    "duplicate_case", "path_escapes_site", "unexpected_modality", "manifest"
+]
 LABEL_STEM = "label"
 
 
@@ -70,11 +73,20 @@ class Case:
 
 @dataclass(frozen=True)
 class ManifestProblem:
-    """A problem found while listing a site (before any image is read)."""
+    """A problem found while listing a site (before any image is read).
+
+    Attributes:
+        case_id: the case it concerns (``#<index>`` for a manifest entry without an id).
+        file: the file or manifest path concerned (``""`` when none).
+        message: what is wrong and how to fix it.
+        kind: machine-readable type, so that ``fedmed data check`` can classify it without
+            parsing the message.
+    """
 
     case_id: str
     file: str
     message: str
+    kind: ManifestProblemKind = "manifest"
 
 
 @dataclass(frozen=True)
@@ -155,7 +167,12 @@ def load_site(
     for case_id, images, label in raw_cases:
         if case_id in seen:
             problems.append(
-                ManifestProblem(case_id, "", f"duplicate case id {case_id!r}; rename one of them")
+                ManifestProblem(
+                    case_id,
+                    "",
+                    f"duplicate case id {case_id!r}; rename one of them",
+                    "duplicate_case",
+                )
             )
             continue
         seen.add(case_id)
@@ -168,6 +185,7 @@ def load_site(
                     str(mapped[m].path),
                     f"modality {m!r} is not one the federation expects ({list(expected)}); "
                     "rename it or add it to the config's modalities",
+                    "unexpected_modality",
                 )
             )
         mapped = {m: f for m, f in mapped.items() if m in expected}
@@ -208,6 +226,7 @@ def _inside(root: Path, rel: str, case_id: str, problems: list[ManifestProblem])
                 rel,
                 f"path {rel!r} points outside the site folder {root}; manifests may only name "
                 "files inside the site",
+                "path_escapes_site",
             )
         )
         return None
@@ -223,9 +242,7 @@ def _int_labels(raw: Mapping[str, Any], source: Path, name_to_value: bool) -> di
         try:
             out[int(key)] = str(val)
         except (TypeError, ValueError):
-            raise DatasetFormatError(
-                f"{source}: label value {key!r} is not an integer"
-            ) from None
+            raise DatasetFormatError(f"{source}: label value {key!r} is not an integer") from None
     return dict(sorted(out.items()))
 
 
@@ -253,14 +270,32 @@ def _load_msd(root: Path) -> Loaded:
             problems.append(ManifestProblem(f"#{i}", str(ds), "training entry without 'image'"))
             continue
         img = entry["image"]
-        first = img if isinstance(img, str) else next(iter(img.values() if isinstance(img, dict) else img))
-        case_id = str(entry.get("case_id") or _case_id_from(first))
+        # A malformed entry (empty list, non-string paths) is one bad case, not a crash.
+        if isinstance(img, dict):
+            paths = list(img.values())
+        elif isinstance(img, list | tuple):
+            paths = list(img)
+        else:
+            paths = [img]
+        if not paths or not all(isinstance(x, str) for x in paths):
+            problems.append(
+                ManifestProblem(
+                    f"#{i}",
+                    str(ds),
+                    f"training entry {i}: 'image' must be a path, a list of "
+                    f"paths or {{modality: path}}, got {img!r}",
+                )
+            )
+            continue
+        case_id = str(entry.get("case_id") or _case_id_from(paths[0]))
         images: dict[str, ModalityFile] = {}
         if isinstance(img, str):
             p = _inside(root, img, case_id, problems)
             if p is not None:
                 multi = len(modalities) > 1
-                images = {m: ModalityFile(p, c if multi else None) for c, m in enumerate(modalities)}
+                images = {
+                    m: ModalityFile(p, c if multi else None) for c, m in enumerate(modalities)
+                }
         else:
             pairs = img.items() if isinstance(img, dict) else zip(modalities, img, strict=False)
             for m, rel in pairs:
@@ -268,7 +303,7 @@ def _load_msd(root: Path) -> Loaded:
                 if p is not None:
                     images[str(m)] = ModalityFile(p)
         label = None
-        if entry.get("label"):
+        if isinstance(entry.get("label"), str) and entry["label"]:
             label = _inside(root, entry["label"], case_id, problems)
         cases.append((case_id, images, label))
     return meta.get("name"), modalities, labels, cases, problems
@@ -319,8 +354,10 @@ def _load_nnunet(root: Path) -> Loaded:
 
 def _case_dirs(root: Path) -> Iterable[Path]:
     for d in sorted(root.iterdir()):
-        if d.is_dir() and not d.name.startswith(".") and any(
-            image_suffix(f) in IMAGE_SUFFIXES for f in d.iterdir()
+        if (
+            d.is_dir()
+            and not d.name.startswith(".")
+            and any(image_suffix(f) in IMAGE_SUFFIXES for f in d.iterdir())
         ):
             yield d
 

@@ -176,10 +176,19 @@ def _read_sitk(p: Path) -> Image:
         img = sitk.ReadImage(str(p))
     except Exception as exc:
         raise ImageReadError(
-            f"{p}: cannot read image ({str(exc).strip().splitlines()[-1]}); the file is corrupt, "
+            f"{p}: cannot read image ({_sitk_reason(exc)}); the file is corrupt, "
             "truncated or in another format than its suffix says"
         ) from None
     return _from_sitk(img, p)
+
+
+def _sitk_reason(exc: Exception) -> str:
+    """The informative line of an ITK exception (its last line is often a stale errno)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    for ln in lines:
+        if "ERROR" in ln:
+            return ln.split("ERROR:", 1)[-1].strip()
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _read_dicom(p: Path) -> Image:
@@ -236,16 +245,23 @@ def write_image(
         raise ImageWriteError(f"{p}: affine must be 4x4, got {aff.shape}")
     if dtype is not None:
         arr = arr.astype(dtype)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    if arr.dtype == np.bool_:  # neither NIfTI nor ITK stores booleans: masks become uint8
+        arr = arr.astype(np.uint8)
     suffix = image_suffix(p)
-    if suffix in NIFTI_SUFFIXES:
-        _write_nifti(p, arr, aff, reference)
-    elif suffix in SITK_SUFFIXES:
-        _write_sitk(p, arr, aff)
-    else:
+    if suffix not in IMAGE_SUFFIXES:
         raise ImageWriteError(
             f"{p}: unsupported suffix {suffix!r}; use one of {', '.join(IMAGE_SUFFIXES)}"
         )
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if suffix in NIFTI_SUFFIXES:
+            _write_nifti(p, arr, aff, reference)
+        else:
+            _write_sitk(p, arr, aff)
+    except OSError as exc:
+        raise ImageWriteError(
+            f"{p}: cannot write ({exc}); check that the folder exists and is writable"
+        ) from None
     return p
 
 
@@ -255,12 +271,21 @@ def _write_nifti(p: Path, arr: np.ndarray, aff: np.ndarray, reference: Image | N
     data = np.moveaxis(arr, 0, -1) if arr.ndim == 4 else arr
     img = nib.Nifti1Image(data, aff)
     hdr = reference.header if reference is not None else {}
-    if hdr.get("format") == "nifti":
+    if hdr.get("format") == "nifti" and reference is not None:
         # Keep the source's qform/sform codes so viewers place the mask exactly where the
         # source is (a viewer may prefer the qform over the sform or vice versa).
-        qform, sform = hdr.get("qform"), hdr.get("sform")
-        img.set_qform(aff if qform is None else qform, code=int(hdr["qform_code"]))  # type: ignore[call-overload]
-        img.set_sform(aff if sform is None else sform, code=int(hdr["sform_code"]))  # type: ignore[call-overload]
+        qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])  # type: ignore[call-overload]
+        if np.allclose(aff, reference.affine, atol=1e-6):
+            qform, sform = hdr.get("qform"), hdr.get("sform")
+        else:
+            # A new geometry (e.g. resampled): the reference's matrices would misplace it, so
+            # write the requested affine and keep only the codes (at least one must be set,
+            # or readers fall back to the voxel sizes alone).
+            qform = sform = None
+            if qcode == 0 and scode == 0:
+                qcode = scode = 1
+        img.set_qform(aff if qform is None else qform, code=qcode)  # type: ignore[arg-type]
+        img.set_sform(aff if sform is None else sform, code=scode)  # type: ignore[arg-type]
     else:
         img.set_qform(aff, code=1)
         img.set_sform(aff, code=1)
@@ -309,6 +334,11 @@ def write_label_like(path: str | Path, label: np.ndarray, reference: Image) -> P
 def world_coordinates(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """World (RAS, mm) coordinates of the 8 corner voxels of a grid: a cheap geometry key."""
     corners = np.array(
-        [[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]
+        [
+            [i, j, k, 1.0]
+            for i in (0, shape[0] - 1)
+            for j in (0, shape[1] - 1)
+            for k in (0, shape[2] - 1)
+        ]
     )
     return (affine @ corners.T).T[:, :3]
