@@ -1,0 +1,103 @@
+"""Run every ``benchmarks/bench_*.py`` and write ``docs/benchmarks.md`` (``make bench``).
+
+Each module's ``run(quick)`` returns :class:`benchmarks.common.Figure` objects; a module that
+fails is reported as failed in the table rather than stopping the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.common import Figure, machine  # noqa: E402
+
+
+def _load(path: Path):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(f"benchmarks.{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fmt(v: float) -> str:
+    if v == 0 or 0.01 <= abs(v) < 1e5:
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return f"{v:.3e}"
+
+
+def render(figures: list[Figure], failures: dict[str, str], info: dict, seconds: float) -> str:
+    """The markdown page."""
+    gpu = info["gpu"] or "none"
+    lines = [
+        "# fedmed benchmarks",
+        "",
+        f"Written by `make bench` on {info['date']}: {info['cores']} cores ({info['cpu']}), "
+        f"{info['memory_gib']} GiB memory, GPU: {gpu}; Python {info['python']}, "
+        f"torch {info['torch']}; {seconds:.0f} s in all.",
+        "",
+        "Every figure is a ratio measured side by side in one run, or a count; the target says "
+        "what the project holds itself to.",
+        "",
+        "| benchmark | figure | value | unit | target | met | detail |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        met = {True: "yes", False: "**no**", None: "-"}[f.met]
+        lines.append(
+            f"| {f.benchmark} | {f.name} | {_fmt(f.value)} | {f.unit} | {f.target} | {met} | "
+            f"{f.detail} |"
+        )
+    for name, err in failures.items():
+        lines.append(f"| {name} | (failed) | - | - | - | **no** | {err} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    """Run the benchmarks named (default all) and write the page."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
+    ap.add_argument("only", nargs="*", help="benchmark names (e.g. bench_cache)")
+    args = ap.parse_args()
+    started = time.perf_counter()
+    figures: list[Figure] = []
+    failures: dict[str, str] = {}
+    for path in sorted(HERE.glob("bench_*.py")):
+        if args.only and path.stem not in args.only:
+            continue
+        print(f"== {path.stem}", flush=True)
+        try:
+            got = _load(path).run(quick=args.quick)
+        except Exception as exc:  # one failing benchmark must not hide the others
+            traceback.print_exc()
+            failures[path.stem] = f"{type(exc).__name__}: {exc}".replace("|", "/")[:300]
+            continue
+        for f in got:
+            print(f"   {f.name}: {_fmt(f.value)} {f.unit} (target {f.target}, met {f.met})")
+        figures.extend(got)
+    info = machine()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(figures, failures, info, time.perf_counter() - started))
+    args.out.with_suffix(".json").write_text(
+        json.dumps(
+            {"machine": info, "figures": [f.as_dict() for f in figures], "failures": failures},
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {args.out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
