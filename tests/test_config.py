@@ -36,7 +36,9 @@ def test_round_trip_through_dump(tmp_path: Path) -> None:
 
 def test_config_is_frozen(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, BASE))
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.training.epochs = 3  # type: ignore[misc]
 
 
