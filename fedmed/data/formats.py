@@ -188,7 +188,8 @@ def load_site(
                     "unexpected_modality",
                 )
             )
-        mapped = {m: f for m, f in mapped.items() if m in expected}
+        # In the federation's order, so that iterating a case's images gives channel order.
+        mapped = {m: mapped[m] for m in expected if m in mapped}
         missing = tuple(m for m in expected if m not in mapped)
         cases.append(Case(case_id, mapped, label, missing))
     return SiteManifest(
