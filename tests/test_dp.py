@@ -1,0 +1,212 @@
+"""Patient-level DP-SGD in the local trainer: accounting, budget, sampling, weights, learning."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from fedmed.config import FederationConfig
+from fedmed.data.preprocess import PreprocessedCase
+from fedmed.errors import PrivacyError
+from fedmed.models import build_model
+from fedmed.training.dp import fit_private, per_patient_loss, poisson_batches
+from fedmed.training.ledger import PrivacyLedger, ledger_path
+from fedmed.training.trainer import LocalTrainer
+
+DELTA = 1e-5
+SITE = "site-a"
+
+
+def _cases(n: int, seed: int = 0) -> list[PreprocessedCase]:
+    """Bright noisy balls on a dark background, labelled: an easy segmentation task."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(20)] * 3, indexing="ij"))
+    out = []
+    for i in range(n):
+        centre = rng.uniform(7, 13, 3)
+        label = (((grid - centre[:, None, None, None]) ** 2).sum(0) < 25).astype(np.uint8)
+        image = (2.0 * label - 1 + rng.normal(0, 0.3, label.shape)).astype(np.float32)
+        out.append(PreprocessedCase(f"case{i}", image[None], label[None], np.ones(1, bool),
+                                    np.eye(4)))
+    return out
+
+
+def _cfg(
+    tmp_path: Path, training: dict[str, Any] | None = None, **privacy: Any
+) -> FederationConfig:
+    return FederationConfig(
+        modalities=("T1",), labels={0: "background", 1: "ball"},
+        sites=({"name": SITE, "path": str(tmp_path)},),
+        preprocessing={"patch_size": (16, 16, 16), "patches_per_case": 2, "augment": False},
+        model={"channels": (4, 8), "num_res_units": 1, "norm": "instance"},
+        training={"device": "cpu", "progress": False, "learning_rate": 1e-2,
+                  "schedule": "constant", **(training or {})},
+        privacy={"enabled": True, "delta": DELTA, "max_grad_norm": 1.0, **privacy},
+    )
+
+
+def _trainer(cfg: FederationConfig, tmp_path: Path, seed: int = 0) -> LocalTrainer:
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, len(cfg.modalities), cfg.num_classes)
+    return LocalTrainer(cfg, model, device="cpu", site=SITE, state_dir=tmp_path / "state",
+                        run_id="run-1", metrics_path=tmp_path / "metrics.jsonl")
+
+
+@functools.lru_cache
+def _rdp(sigma: float, q: float, steps: int) -> float:
+    acc = RDPAccountant()
+    acc.history = [(sigma, q, steps)]
+    return float(acc.get_epsilon(delta=DELTA))
+
+
+def test_epsilon_composes_over_rounds_and_restarts(tmp_path: Path) -> None:
+    # 8 patients, 2 expected per step: q = 0.25, 4 steps per epoch
+    cfg = _cfg(tmp_path, noise_multiplier=1.0, expected_batch_size=2, target_epsilon=None)
+    cases = _cases(8)
+    trainer = _trainer(cfg, tmp_path)
+    results = [
+        trainer.fit(cases, 1, round_index=r, start_epoch=r - 1, total_epochs=4) for r in (1, 2)
+    ]
+    assert [r.steps for r in results] == [4, 4]
+    for r, res in enumerate(results, start=1):
+        assert res.skipped is None and res.delta == DELTA and res.num_cases == 8
+        assert res.epsilon == pytest.approx(_rdp(1.0, 0.25, 4 * r), rel=0.01)
+    # a restarted client (new trainer, new model, same state folder) continues the count
+    restarted = _trainer(cfg, tmp_path, seed=1)
+    res3 = restarted.fit(cases, 1, round_index=3, start_epoch=2, total_epochs=4)
+    ledger = PrivacyLedger.load(ledger_path(tmp_path / "state", "run-1", SITE))
+    assert ledger.history == [(1.0, 0.25, 4)] * 3
+    assert ledger.epsilon() == _rdp(1.0, 0.25, 12)  # recomputation: exact
+    assert res3.epsilon == pytest.approx(_rdp(1.0, 0.25, 12), rel=0.01)
+    logged = [e.epsilon for e in ledger.entries]
+    assert logged == pytest.approx([_rdp(1.0, 0.25, 4 * r) for r in (1, 2, 3)], rel=0.01)
+    assert results[0].epsilon < results[1].epsilon < res3.epsilon
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round_index"] for x in lines] == [1, 2, 3]
+    assert all(x["noise_multiplier"] == 1.0 and x["sample_rate"] == 0.25 for x in lines)
+
+
+def test_budget_exhaustion_stops_the_site(tmp_path: Path) -> None:
+    one, two = _rdp(1.0, 0.5, 2), _rdp(1.0, 0.5, 4)
+    cfg = _cfg(tmp_path, noise_multiplier=1.0, expected_batch_size=2, max_epsilon=(one + two) / 2)
+    cases = _cases(4)
+    trainer = _trainer(cfg, tmp_path)
+    initial = trainer.get_weights()
+    first = trainer.fit(cases, 1, round_index=1)
+    assert first.skipped is None and first.steps == 2
+    after_first = trainer.get_weights()
+    # DP weights leave the site under the plain model's names and load into a plain model
+    assert set(after_first) == set(initial)
+    assert not any("_module" in k for k in after_first)
+    assert not isinstance(trainer.model, __import__("opacus").GradSampleModule)
+    plain = build_model(cfg.model, 1, 2)
+    plain.load_state_dict(after_first, strict=True)
+    assert any(not torch.equal(initial[k], after_first[k]) for k in initial)
+
+    second = trainer.fit(cases, 1, round_index=2)
+    assert second.skipped is not None and second.skipped.startswith("privacy budget exhausted")
+    assert f"{two:.3f}" in second.skipped
+    assert second.steps == 0 and second.num_cases == 0
+    assert second.epsilon == pytest.approx(one, rel=1e-12)
+    after_second = trainer.get_weights()
+    assert all(torch.equal(after_first[k], after_second[k]) for k in after_first)
+    ledger = PrivacyLedger.load(ledger_path(tmp_path / "state", "run-1", SITE))
+    assert len(ledger.entries) == 1 and ledger.skips[0]["round"] == 2
+
+
+def test_noise_from_target_epsilon_stays_within_target(tmp_path: Path) -> None:
+    target = 4.0
+    # q = 1 (every patient every step) keeps Opacus' sigma search fast; 1 step per epoch
+    cfg = _cfg(tmp_path, target_epsilon=target, expected_batch_size=4)
+    cases = _cases(4)
+    trainer = _trainer(cfg, tmp_path)
+    res = [trainer.fit(cases, 1, round_index=r, start_epoch=r - 1, total_epochs=3)
+           for r in (1, 2, 3)]
+    assert all(r.skipped is None for r in res)
+    ledger = PrivacyLedger.load(ledger_path(tmp_path / "state", "run-1", SITE))
+    sigmas = {e.noise_multiplier for e in ledger.entries}
+    assert len(sigmas) == 1  # planned once, reused by every round
+    assert ledger.plan is not None and ledger.plan["planned_steps"] == 3
+    # the planned run ends just under the target (Opacus' search tolerance is 0.01)
+    assert target - 0.05 < res[-1].epsilon <= target
+    assert res[-1].epsilon == _rdp(sigmas.pop(), 1.0, 3)
+    # one round beyond the plan would exceed max_epsilon (= target_epsilon by default)
+    extra = trainer.fit(cases, 1, round_index=4, start_epoch=3, total_epochs=3)
+    assert extra.skipped is not None and extra.epsilon == res[-1].epsilon
+
+
+def test_poisson_sampler_takes_each_patient_at_most_once_per_step() -> None:
+    gen = torch.Generator().manual_seed(0)
+    batches = list(poisson_batches(10, 0.3, 3000, gen))
+    assert len(batches) == 3000
+    assert all(len(b) == len(set(b)) for b in batches)
+    sizes = np.array([len(b) for b in batches])
+    assert abs(sizes.mean() - 3.0) < 0.15  # E|batch| = q * n
+    assert (sizes == 0).sum() > 50  # P(empty) = 0.7^10 ~ 2.8%: empty steps do happen
+
+
+def test_dp_step_uses_one_patch_per_sampled_patient(tmp_path: Path) -> None:
+    # patches_per_case = 2 and q = 1/8: without the DP sampler a case would appear twice
+    cfg = _cfg(tmp_path, noise_multiplier=1.0, expected_batch_size=1, target_epsilon=None)
+    cases = _cases(8)
+    trainer = _trainer(cfg, tmp_path)
+    seen: list[list[int]] = []
+    res = fit_private(trainer, cases, 3, on_step=seen.append)
+    assert res.steps == len(seen) == 24  # 3 epochs x ceil(1 / q) steps, empty ones included
+    assert all(len(s) == len(set(s)) for s in seen)
+    assert all(0 <= c < 8 for s in seen for c in s)
+    # P(no empty batch in 24 steps) = (1 - 0.875^8)^24 < 1e-4; empty steps counted above
+    assert any(len(s) == 0 for s in seen)
+    ledger = PrivacyLedger.load(ledger_path(tmp_path / "state", "run-1", SITE))
+    assert ledger.history == [(1.0, 0.125, 24)]
+
+
+def test_dp_training_reduces_loss(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, noise_multiplier=0.5, expected_batch_size=8, target_epsilon=None)
+    cases = _cases(8)
+    trainer = _trainer(cfg, tmp_path)
+    loss_fn = per_patient_loss(trainer)
+    fixed = trainer.patch_dataset(cases, seed=0, train=False)
+    batch = torch.utils.data.default_collate([fixed[2 * i] for i in range(8)])
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(loss_fn(trainer.model(batch["image"], batch["available"]),
+                                 batch["label"]))
+
+    before = loss()
+    res = trainer.fit(cases, 10)
+    assert res.steps == 10 and np.isfinite(res.loss)
+    assert loss() < 0.8 * before
+
+
+def test_fedprox_term_pulls_towards_reference(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, {"optimizer": "sgd", "momentum": 0.5, "learning_rate": 0.05},
+               noise_multiplier=2.0, expected_batch_size=4, target_epsilon=None)
+    cases = _cases(4)
+    distances = []
+    for i, mu in enumerate((0.0, 10.0)):
+        (tmp_path / str(i)).mkdir()
+        trainer = _trainer(cfg, tmp_path / str(i))
+        ref = trainer.get_weights()
+        trainer.fit(cases, 8, reference=ref, mu=mu)
+        w = trainer.get_weights()
+        distances.append(sum(float((w[k] - ref[k]).pow(2).sum()) for k in ref))
+    assert distances[1] < 0.5 * distances[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchcsprng") is not None,
+                    reason="torchcsprng is installed")
+def test_secure_rng_without_torchcsprng_explains(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, noise_multiplier=1.0, secure_rng=True, target_epsilon=None)
+    trainer = _trainer(cfg, tmp_path)
+    with pytest.raises(PrivacyError, match="torchcsprng"):
+        trainer.fit(_cases(2), 1)
