@@ -1,9 +1,80 @@
-"""Top-level training commands (federation)."""
+"""Top-level training commands (federation): ``fedmed simulate``.
+
+``fedmed compare`` lives with the evaluation code (``fedmed/evaluation``) and calls
+:func:`fedmed.federation.simulation.run_federated`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 import typer
+from rich.console import Console
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def round_printer(console: Console, rounds: int) -> Any:
+    """A callback printing one line per finished round (round, central Dice, loss, time)."""
+
+    def show(line: Mapping[str, Any]) -> None:
+        sites = line.get("sites_trained") or []
+        extra = ""
+        if line.get("sites_failed"):
+            extra += f"  [red]failed: {', '.join(line['sites_failed'])}[/]"
+        if line.get("sites_skipped"):
+            extra += f"  [yellow]skipped: {', '.join(line['sites_skipped'])}[/]"
+        console.print(
+            f"round {line['round']:>3}/{rounds}  central Dice {_fmt(line.get('central_dice'))}"
+            f"  sites Dice {_fmt(line.get('federated_dice'))}"
+            f"  loss {_fmt(line.get('train_loss'))}  sites {len(sites)}"
+            f"  {_fmt(line.get('round_seconds'), '.1f')} s{extra}",
+            highlight=False,
+        )
+
+    return show
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
+
+    @app.command()
+    def simulate(
+        config: Path = typer.Option(..., "--config", "-c", help="Federation config (YAML)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
+        strategy: str | None = typer.Option(
+            None, "--strategy",
+            help="fedavg | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg | fedbn",
+        ),
+        rounds: int | None = typer.Option(None, "--rounds", min=1, help="Rounds in total."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+        force: bool = typer.Option(False, "--force", help="Replace what --out holds."),
+        verbose: bool = typer.Option(False, "--verbose", help="Flower's own logging."),
+    ) -> None:
+        """Run the whole federation on this machine (Flower simulation engine, Ray)."""
+        from fedmed.config import load_config
+        from fedmed.federation.coordinator import apply_overrides
+        from fedmed.federation.simulation import run_federated
+
+        console = Console()
+        cfg = apply_overrides(load_config(config), strategy=strategy, rounds=rounds)
+        fed = cfg.federation
+        console.print(
+            f"federation [bold]{cfg.name}[/]: {len(cfg.sites)} sites, strategy {fed.strategy}, "
+            f"{fed.rounds} rounds x {fed.local_epochs} local epochs -> {out}",
+            highlight=False,
+        )
+        summary = run_federated(
+            cfg, out, resume=resume, force=force,
+            on_round=round_printer(console, fed.rounds), verbose=verbose,
+        )
+        console.print(
+            f"done in {_fmt(summary.get('wall_seconds'), '.1f')} s: Dice "
+            f"{_fmt(summary.get('dice_mean'))}, HD95 {_fmt(summary.get('hd95_mean'), '.2f')} mm;"
+            f" summary in {Path(out) / 'summary.json'}",
+            highlight=False,
+        )
