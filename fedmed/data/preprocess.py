@@ -7,8 +7,9 @@ Pipeline, per case (every step a MONAI transform on :class:`monai.data.MetaTenso
    a modality the case lacks becomes a zero channel with ``available[c] = False``;
 2. reorientation to RAS (``Orientation``) and resampling to the target spacing (``Spacing``;
    bilinear for images, nearest for the label);
-3. the foreground: per MR channel, voxels above 10% of its 99.5th percentile (scanner
-   noise makes "nonzero" useless); per CT channel, voxels above the window's floor;
+3. the foreground: per MR channel, its nonzero voxels when the scan is masked (skull-
+   stripped), else the voxels above its Otsu threshold (scanner noise and offsets make
+   "nonzero" useless there); per CT channel, voxels above the window's floor;
 4. crop to the bounding box of the largest connected component of the union of the
    channels' foregrounds, plus a margin
    (``SpatialCrop`` on the box of ``generate_spatial_bounding_box``);
@@ -49,7 +50,7 @@ from fedmed.errors import ConfigError, ImageReadError, PreprocessingError
 if TYPE_CHECKING:
     from fedmed.config import FederationConfig
 
-PIPELINE_VERSION = 2  # bump when the pipeline code changes what it writes
+PIPELINE_VERSION = 5  # bump when the pipeline code changes what it writes
 """Bumped whenever the pipeline's output changes: part of every cache key."""
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -828,17 +829,31 @@ def settings_for(
     return PreprocessSettings.from_config(cfg, target_spacing)
 
 
+MASKED_ZERO_FRACTION = 0.05
+"""An MR channel with at least this fraction of exact zeros is taken as masked."""
 FOREGROUND_MARGIN = 2
 """Voxels kept around the foreground's bounding box."""
-MR_FOREGROUND_FRACTION = 0.1
-"""An MR voxel is foreground above this fraction of its channel's 99.5th percentile."""
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold: the cut that maximises the between-class variance of a histogram."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist).astype(np.float64)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
+    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(centres[int(np.argmax(between[:-1]))])
 
 
 def _foreground_masks(image: Any, available: np.ndarray, norms: Sequence[Any]) -> Any:
     """Per-channel foreground ``(C, X, Y, Z)`` bool.
 
-    MR: above 10% of the channel's 99.5th percentile; CT: above the window's floor; other
-    channels: nonzero; unavailable channels: empty.
+    MR: in a masked (skull-stripped) scan, where at least 5% of voxels are exactly zero, the
+    nonzero voxels; otherwise above the channel's Otsu threshold (scanners differ in noise
+    floor and offset, so no fixed fraction of the maximum works for all); CT: above the
+    window's floor; other channels: nonzero; unavailable channels: empty.
     """
     import torch
 
@@ -848,11 +863,15 @@ def _foreground_masks(image: Any, available: np.ndarray, norms: Sequence[Any]) -
             continue
         ch = image[c]
         if norm.kind == "zscore":
-            nz = ch[ch != 0]
-            if nz.numel() == 0:
+            nonzero = ch != 0
+            if not bool(nonzero.any()):
                 continue
-            high = torch.quantile(nz.float()[:: max(1, nz.numel() // 200_000)], 0.995)
-            masks[c] = ch > MR_FOREGROUND_FRACTION * high if high > 0 else ch != 0
+            if float(nonzero.float().mean()) < 1.0 - MASKED_ZERO_FRACTION:
+                masks[c] = nonzero  # masked / skull-stripped: zero is the background
+            else:
+                flat = ch.reshape(-1)
+                sample = flat[:: max(1, flat.numel() // 500_000)].float().numpy()
+                masks[c] = ch > otsu_threshold(sample)
         elif norm.kind == "ct_window" and norm.window is not None:
             masks[c] = ch > norm.window[0]
         else:
@@ -861,12 +880,18 @@ def _foreground_masks(image: Any, available: np.ndarray, norms: Sequence[Any]) -
 
 
 def _zscore(channel: Any, mask: Any) -> Any:
-    """``(x - mean) / std`` with mean and std over the channel's foreground voxels."""
+    """``(x - mean) / std`` with mean and std over the channel's foreground voxels.
+
+    Voxels that are exactly zero (a masked scan's background, padding from resampling)
+    stay zero, as with MONAI's ``NormalizeIntensity(nonzero=True)``.
+    """
     import torch
 
     values = channel[mask] if bool(mask.any()) else channel.reshape(-1)
     mean, std = values.mean(), values.std()
-    return (channel - mean) / torch.clamp(std, min=1e-6)
+    if not bool(std > 1e-6):  # a constant foreground: centre it, nothing to scale
+        std = torch.ones(())
+    return torch.where(channel != 0, (channel - mean) / std, torch.zeros(()))
 
 
 def _largest_component(mask: Any) -> Any:
