@@ -829,7 +829,7 @@ def settings_for(
     return PreprocessSettings.from_config(cfg, target_spacing)
 
 
-MASKED_ZERO_FRACTION = 0.05
+MASKED_ZERO_FRACTION = 0.01
 """An MR channel with at least this fraction of exact zeros is taken as masked."""
 FOREGROUND_MARGIN = 2
 """Voxels kept around the foreground's bounding box."""
@@ -850,7 +850,7 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 def _foreground_masks(image: Any, available: np.ndarray, norms: Sequence[Any]) -> Any:
     """Per-channel foreground ``(C, X, Y, Z)`` bool.
 
-    MR: in a masked (skull-stripped) scan, where at least 5% of voxels are exactly zero, the
+    MR: in a masked (skull-stripped) scan, where at least 1% of voxels are exactly zero, the
     nonzero voxels; otherwise above the channel's Otsu threshold (scanners differ in noise
     floor and offset, so no fixed fraction of the maximum works for all); CT: above the
     window's floor; other channels: nonzero; unavailable channels: empty.
