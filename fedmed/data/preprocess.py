@@ -294,6 +294,7 @@ def preprocess_images(
     ref_affine, ref_shape = ref.affine, ref.spatial_shape
     channels: list[np.ndarray] = []
     available = np.zeros(len(settings.modalities), dtype=bool)
+    masked = np.zeros(len(settings.modalities), dtype=bool)
     for c, m in enumerate(settings.modalities):
         if m not in images:
             channels.append(np.zeros(ref_shape, dtype=np.float32))
@@ -304,6 +305,8 @@ def preprocess_images(
             arr = _resample_onto(arr, images[m].affine, ref_affine, ref_shape, "bilinear")
         channels.append(arr[0])
         available[c] = True
+        # Judged on the scan as acquired: interpolation blurs a mask's exact zeros away.
+        masked[c] = float((arr == 0).mean()) >= MASKED_ZERO_FRACTION
     data: Any = {"image": _meta(np.stack(channels).astype(np.float32), ref_affine)}
     keys = ["image"]
     if label is not None:
@@ -335,7 +338,9 @@ def preprocess_images(
     # Foreground from the raw (resampled) intensities, per channel: MR scans carry noise
     # in the background, so "nonzero" would keep the whole field of view; a CT window can
     # map tissue to 0 after scaling, so it is judged before normalisation.
-    fg_channels = _foreground_masks(image.as_tensor(), available, settings.normalization)
+    fg_channels = _foreground_masks(
+        image.as_tensor(), available, masked, settings.normalization
+    )
     fg = _largest_component(fg_channels.any(0))
     fg_channels = fg_channels & fg[None]
     if not bool(fg.any()):
@@ -847,7 +852,9 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between[:-1]))])
 
 
-def _foreground_masks(image: Any, available: np.ndarray, norms: Sequence[Any]) -> Any:
+def _foreground_masks(
+    image: Any, available: np.ndarray, masked: np.ndarray, norms: Sequence[Any]
+) -> Any:
     """Per-channel foreground ``(C, X, Y, Z)`` bool.
 
     MR: in a masked (skull-stripped) scan, where at least 1% of voxels are exactly zero, the
@@ -866,7 +873,7 @@ def _foreground_masks(image: Any, available: np.ndarray, norms: Sequence[Any]) -
             nonzero = ch != 0
             if not bool(nonzero.any()):
                 continue
-            if float(nonzero.float().mean()) < 1.0 - MASKED_ZERO_FRACTION:
+            if masked[c]:
                 masks[c] = nonzero  # masked / skull-stripped: zero is the background
             else:
                 flat = ch.reshape(-1)
