@@ -9,6 +9,7 @@ undefined there and left out of means (NaN).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -64,13 +65,16 @@ def case_metrics(
         if p[0, c].sum() == 0 or t[0, c].sum() == 0:
             out_hd[c] = math.nan
             continue
-        hd = compute_hausdorff_distance(
-            p[:, c : c + 1],
-            t[:, c : c + 1],
-            include_background=True,
-            percentile=95,
-            spacing=list(spacing) if spacing is not None else None,
-        )
+        with warnings.catch_warnings():
+            # MONAI 1.6's own HD95 passes its deprecated `always_return_as_numpy`.
+            warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+            hd = compute_hausdorff_distance(
+                p[:, c : c + 1],
+                t[:, c : c + 1],
+                include_background=True,
+                percentile=95,
+                spacing=list(spacing) if spacing is not None else None,
+            )
         out_hd[c] = float(hd.reshape(-1)[0])
     return CaseMetrics(
         case_id=case_id,

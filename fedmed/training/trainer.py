@@ -375,7 +375,8 @@ class LocalTrainer:
         from monai.inferers import sliding_window_inference
 
         self.model.eval()
-        x = torch.as_tensor(np.asarray(image), dtype=torch.float32)[None].to(self.device)
+        # np.array copies: cached cases are read-only memory maps.
+        x = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(self.device)
         avail = torch.as_tensor(np.asarray(available), dtype=torch.bool)[None].to(self.device)
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
