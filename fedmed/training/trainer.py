@@ -362,6 +362,7 @@ class LocalTrainer:
     def _log_epoch(self, **fields: Any) -> None:
         line = {"site": self.site, **{k: v for k, v in fields.items() if v is not None}}
         if self.metrics_path is not None:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with self.metrics_path.open("a") as fh:
                 fh.write(json.dumps(line) + "\n")
 
