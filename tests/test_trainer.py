@@ -4,12 +4,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _toy import toy_cases, toy_config
 
 from fedmed.errors import TrainingError
 from fedmed.models import build_model
 from fedmed.training.trainer import LocalTrainer, lr_factor, proximal_term, seed_everything
-
-from _toy import toy_cases, toy_config
 
 
 def make_trainer(tmp_path: Path, **sections) -> LocalTrainer:
