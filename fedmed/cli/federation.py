@@ -54,8 +54,16 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
         force: bool = typer.Option(False, "--force", help="Replace what --out holds."),
         verbose: bool = typer.Option(False, "--verbose", help="Flower's own logging."),
+        ray_address: str | None = typer.Option(
+            None, "--ray-address",
+            help="Attach to a running Ray cluster (HOST:PORT of 'ray start --head', or "
+            "'auto') instead of starting Ray on this machine; see docs/scaling.md.",
+        ),
     ) -> None:
-        """Run the whole federation on this machine (Flower simulation engine, Ray)."""
+        """Run the whole federation in Flower's simulation engine (Ray).
+
+        On this machine, or on a running Ray cluster with --ray-address.
+        """
         from fedmed.config import load_config
         from fedmed.federation.coordinator import apply_overrides
         from fedmed.federation.simulation import run_federated
@@ -63,14 +71,16 @@ def register(app: typer.Typer) -> None:
         console = Console()
         cfg = apply_overrides(load_config(config), strategy=strategy, rounds=rounds)
         fed = cfg.federation
+        where = f" on Ray cluster {ray_address}" if ray_address else ""
         console.print(
             f"federation [bold]{cfg.name}[/]: {len(cfg.sites)} sites, strategy {fed.strategy}, "
-            f"{fed.rounds} rounds x {fed.local_epochs} local epochs -> {out}",
+            f"{fed.rounds} rounds x {fed.local_epochs} local epochs{where} -> {out}",
             highlight=False,
         )
         summary = run_federated(
             cfg, out, resume=resume, force=force,
             on_round=round_printer(console, fed.rounds), verbose=verbose,
+            ray_address=ray_address,
         )
         console.print(
             f"done in {_fmt(summary.get('wall_seconds'), '.1f')} s: Dice "

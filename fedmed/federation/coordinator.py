@@ -222,7 +222,8 @@ class Coordinator:
 
             self._central_cases = load_test_cases(self.cfg, self.cfg.resolve(self.cfg.central_test))
         self._set_global(arrays)
-        return self.trainer.evaluate(self._central_cases).as_dict()
+        # Per round only Dice is plotted; HD95 comes with the final evaluation.
+        return self.trainer.evaluate(self._central_cases, hd95=False).as_dict()
 
     def final_evaluation(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Central test set, each site's test split and unseen sites (summary fields)."""
@@ -542,7 +543,15 @@ def serve(
         if cfg is None:
             raise FederationError("serve: run_dir given without its config")
         run = RunDir(run_dir)
-    coordinator = Coordinator(cfg, run, resume=do_resume, on_round=on_round)
+    if cfg.secure_aggregation.enabled:
+        # SecAgg+ lives on Flower's legacy path; same run directory, metrics and summary.
+        from fedmed.federation.secagg import SecAggCoordinator
+
+        coordinator: Coordinator = SecAggCoordinator(
+            cfg, run, resume=do_resume, on_round=on_round, run_config=run_config
+        )
+    else:
+        coordinator = Coordinator(cfg, run, resume=do_resume, on_round=on_round)
     return coordinator.run_rounds(grid)
 
 

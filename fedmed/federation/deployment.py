@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_SUPERNODE_PORT",
     "ManagedProcess",
     "flower_env",
+    "flwr_run_command",
     "flwr_config_toml",
     "free_port",
     "node_config_string",
@@ -86,6 +87,7 @@ def superlink_command(
     database: Path | str | None = None,
     runtime_dependency_installation: bool = False,
     insecure: bool = False,
+    simulation: bool = False,
     executable: str = "flower-superlink",
 ) -> list[str]:
     """Build the coordinator's ``flower-superlink`` command.
@@ -105,6 +107,11 @@ def superlink_command(
             time. Off by default: nothing downloads at run time, the image has them.
         insecure: Plain HTTP, no certificates. Prints a warning; incompatible with
             ``node_auth``.
+        simulation: ``--simulation``: the SuperLink runs ``flwr run`` apps in Flower's
+            simulation engine (virtual SuperNodes; ``options.num-supernodes`` of the
+            connection in ``config.toml``) instead of on real SuperNodes. This replaces
+            Flower's ``:local:`` connection, whose self-started SuperLink would ``uv sync``
+            the app's dependencies (network) at run time.
         executable: Program name or path.
 
     Returns:
@@ -144,6 +151,8 @@ def superlink_command(
         argv += ["--database", str(database)]
     if not runtime_dependency_installation:
         argv.append("--disable-runtime-dependency-installation")
+    if simulation:
+        argv.append("--simulation")
     return argv
 
 
@@ -293,7 +302,10 @@ def supernode_command(
 
 
 def flwr_config_toml(
-    connections: Mapping[str, tuple[str, Path | str | None]], default: str | None = None
+    connections: Mapping[str, tuple[str, Path | str | None]],
+    default: str | None = None,
+    *,
+    simulation: Mapping[str, int] | None = None,
 ) -> str:
     """Text of a Flower 1.41 CLI config (``$FLWR_HOME/config.toml``).
 
@@ -305,6 +317,9 @@ def flwr_config_toml(
     Args:
         connections: ``{name: (address, ca_cert_or_None)}``.
         default: Connection used when a command names none (first one if ``None``).
+        simulation: ``{name: num_supernodes}`` for connections to a ``--simulation``
+            SuperLink: writes ``options.num-supernodes`` (Flower 1.41's simulation
+            federation; it replaces ``[tool.flwr.federations.*]`` of ``pyproject.toml``).
 
     Returns:
         TOML text.
@@ -328,6 +343,13 @@ def flwr_config_toml(
         else:
             ca_path = Path(ca_cert).expanduser().resolve().as_posix()
             lines.append(f'root-certificates = "{ca_path}"')
+        if simulation and name in simulation:
+            n = int(simulation[name])
+            if n < 1:
+                raise FederationError(
+                    f"flwr connection {name!r}: num-supernodes must be >= 1, got {n}"
+                )
+            lines.append(f"options.num-supernodes = {n}")
         lines.append("")
     return "\n".join(lines)
 
@@ -336,13 +358,56 @@ def write_flwr_config(
     flwr_home: Path | str,
     connections: Mapping[str, tuple[str, Path | str | None]],
     default: str | None = None,
+    *,
+    simulation: Mapping[str, int] | None = None,
 ) -> Path:
     """Write ``FLWR_HOME/config.toml`` (see :func:`flwr_config_toml`); returns its path."""
     home = Path(flwr_home).expanduser()
     home.mkdir(parents=True, exist_ok=True)
     path = home / "config.toml"
-    path.write_text(flwr_config_toml(connections, default), encoding="utf-8")
+    path.write_text(
+        flwr_config_toml(connections, default, simulation=simulation), encoding="utf-8"
+    )
     return path
+
+
+def flwr_run_command(
+    app_dir: Path | str,
+    connection: str,
+    run_config: Mapping[str, str | int | float | bool] | None = None,
+    *,
+    stream: bool = True,
+    executable: str = "flwr",
+) -> list[str]:
+    """Build ``flwr run APP CONNECTION [--run-config ...] [--stream]``.
+
+    Values are written as TOML (strings single-quoted), the form ``flwr`` parses, e.g.
+    ``--run-config "fedmed-config='/abs/fed.yaml' rounds=2"``; paths should be absolute
+    because the app runs from an unpacked copy of the project (its FAB), not from
+    ``app_dir``.
+
+    Raises:
+        FederationError: a string value contains a single quote or a newline.
+    """
+    argv = [executable, "run", str(app_dir), connection]
+    if run_config:
+        parts = []
+        for key, value in run_config.items():
+            if isinstance(value, bool):
+                parts.append(f"{key}={'true' if value else 'false'}")
+            elif isinstance(value, int | float):
+                parts.append(f"{key}={value}")
+            else:
+                if "'" in value or "\n" in value:
+                    raise FederationError(
+                        f"run config {key}: expected a value without quotes or newlines, "
+                        f"got {value!r}"
+                    )
+                parts.append(f"{key}='{value}'")
+        argv += ["--run-config", " ".join(parts)]
+    if stream:
+        argv.append("--stream")
+    return argv
 
 
 def flower_env(

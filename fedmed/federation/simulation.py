@@ -8,6 +8,15 @@ the config and run directory bound in, one virtual SuperNode per site
 Ray is started with only the resources the sites need (``federation.client_resources``
 times the number of sites trained at once), quietly (no dashboard, worker logs not
 forwarded, Flower's per-round INFO logs off), and shut down when the run ends.
+
+With ``ray_address`` the run attaches to an existing Ray cluster instead (``ray start
+--head`` on one machine, ``ray start --address=HEAD:PORT`` on the others; see
+``docs/scaling.md``): the cluster's own CPUs and GPUs then decide how many sites train at
+once, and only this driver's connection is closed at the end (the cluster keeps running).
+
+Memory stays bounded in the number of sites: a site's cases and model are built inside
+its ClientApp call and released when it returns, and Flower keeps one actor per worker
+slot, so peak memory grows with the pool size, not with the federation.
 """
 
 from __future__ import annotations
@@ -42,9 +51,27 @@ def parallel_sites(cfg: FederationConfig, cpu_count: int | None = None) -> int:
     return max(1, min(n, len(cfg.sites)))
 
 
-def backend_config(cfg: FederationConfig, cpu_count: int | None = None) -> dict[str, Any]:
-    """Flower's simulation backend config: client resources and a bounded, quiet Ray."""
+def backend_config(
+    cfg: FederationConfig, cpu_count: int | None = None, *, ray_address: str | None = None
+) -> dict[str, Any]:
+    """Flower's simulation backend config: client resources and a bounded, quiet Ray.
+
+    Args:
+        cfg: the federation config (``federation.client_resources``, ``max_parallel_sites``).
+        cpu_count: cores of this machine (default: ``os.cpu_count()``).
+        ray_address: attach to this running Ray cluster (``HOST:PORT`` of ``ray start
+            --head``, or ``auto``) instead of starting a private one; Ray refuses CPU and
+            GPU counts when attaching, so the cluster's own resources apply.
+    """
     res = cfg.federation.client_resources
+    client_resources = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    if ray_address is not None:
+        return {
+            "client_resources": client_resources,
+            "init_args": {
+                "address": ray_address, "logging_level": "ERROR", "log_to_driver": False,
+            },
+        }
     parallel = parallel_sites(cfg, cpu_count)
     init_args: dict[str, Any] = {
         "num_cpus": max(1, math.ceil(parallel * res.num_cpus)),
@@ -58,10 +85,7 @@ def backend_config(cfg: FederationConfig, cpu_count: int | None = None) -> dict[
         init_args["num_gpus"] = torch.cuda.device_count()
     else:
         init_args["num_gpus"] = 0
-    return {
-        "client_resources": {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
-        "init_args": init_args,
-    }
+    return {"client_resources": client_resources, "init_args": init_args}
 
 
 def check_simulation_config(cfg: FederationConfig) -> None:
@@ -94,6 +118,7 @@ def run_federated(
     force: bool = False,
     on_round: RoundCallback | None = None,
     verbose: bool = False,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run the federation in simulation and return its summary.
 
@@ -106,22 +131,61 @@ def run_federated(
         force: replace what ``out`` holds.
         on_round: called with each round's metrics line.
         verbose: keep Flower's INFO logging.
+        ray_address: attach to a running Ray cluster (``HOST:PORT``) instead of starting
+            one on this machine; every node of the cluster must reach the data paths of
+            the config and the run directory ``out`` (shared file system).
 
     Returns:
         ``summary.json`` as a dict.
 
     Raises:
-        FedMedError: invalid config, ``out`` in use, or a failure of the run.
+        FedMedError: invalid config, ``out`` in use, an unreachable Ray address, or a
+            failure of the run.
     """
     cfg = apply_overrides(cfg, strategy=strategy, rounds=rounds)
     check_simulation_config(cfg)
+    if ray_address is not None:
+        ray_address = check_ray_address(ray_address)
     run = RunDir.create(out, cfg, resume=resume, force=force)
     if resume:
         dump_config(cfg, run.path / "config.yaml")
     server_app = make_server_app(cfg=cfg, run_dir=run.path, resume=resume, on_round=on_round)
     client_app = make_client_app(state_root=(run.path / "sites").resolve())
-    _simulate(server_app, client_app, len(cfg.sites), backend_config(cfg), verbose=verbose)
+    backend = backend_config(cfg, ray_address=ray_address)
+    _simulate(server_app, client_app, len(cfg.sites), backend, verbose=verbose)
     return run.read_summary()
+
+
+def check_ray_address(address: str) -> str:
+    """``address`` stripped, if it names a reachable Ray cluster.
+
+    ``auto`` (the cluster ``ray start`` on this machine recorded) is passed through; a
+    ``HOST:PORT`` (or ``ray://HOST:PORT``, Ray Client) is checked with a TCP connection, so
+    a typo fails at once with a clear message instead of after Ray's own long retries.
+
+    Raises:
+        ConfigError: empty, not ``HOST:PORT``, or nothing listening there.
+    """
+    import socket
+
+    addr = address.strip()
+    if addr == "auto":
+        return addr
+    host, sep, port = addr.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(
+            f"--ray-address {address!r} is not HOST:PORT; give the address that "
+            "'ray start --head --port=PORT' printed, e.g. 10.0.0.5:6379 (or 'auto')"
+        )
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"--ray-address {addr}: no Ray head answers there ({exc}); start one with "
+            f"'ray start --head --port={port}' or check the host and port"
+        ) from None
+    return addr
 
 
 def _simulate(
@@ -164,4 +228,10 @@ def _shutdown_ray() -> None:
         ray.shutdown()
 
 
-__all__ = ["backend_config", "check_simulation_config", "parallel_sites", "run_federated"]
+__all__ = [
+    "backend_config",
+    "check_ray_address",
+    "check_simulation_config",
+    "parallel_sites",
+    "run_federated",
+]

@@ -463,6 +463,10 @@ def make_client_app(*, state_root: Path | None = None) -> Any:
 
     @app.train()
     def _train(message: Any, context: Any) -> Any:
+        from fedmed.federation import secagg
+
+        if secagg.is_secagg_message(message):  # a SecAgg+ stage (secure_aggregation on)
+            return secagg.handle_secagg_train(message, context, state_root=state_root)
         return handle_train(message, context, state_root=state_root)
 
     @app.evaluate()

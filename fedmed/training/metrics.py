@@ -41,6 +41,7 @@ def case_metrics(
     num_classes: int,
     case_id: str = "",
     spacing: tuple[float, float, float] | None = None,
+    hd95: bool = True,
 ) -> CaseMetrics:
     """Dice, HD95 (mm when ``spacing`` is given), sensitivity and specificity per class.
 
@@ -50,6 +51,7 @@ def case_metrics(
         num_classes: including background.
         case_id: carried into the result.
         spacing: voxel size in mm for HD95; voxels when ``None``.
+        hd95: compute HD95 (the costly part); NaN when ``False``.
     """
     from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
     from monai.metrics.hausdorff_distance import compute_hausdorff_distance
@@ -62,7 +64,7 @@ def case_metrics(
     spec = compute_confusion_matrix_metric("specificity", conf)[0]
     out_hd: dict[int, float] = {}
     for c in range(1, num_classes):
-        if p[0, c].sum() == 0 or t[0, c].sum() == 0:
+        if not hd95 or p[0, c].sum() == 0 or t[0, c].sum() == 0:
             out_hd[c] = math.nan
             continue
         with warnings.catch_warnings():

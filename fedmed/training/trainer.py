@@ -406,8 +406,13 @@ class LocalTrainer:
             labels = torch.as_tensor(keep(labels[None]))[0].to(torch.uint8)
         return labels.numpy()
 
-    def evaluate(self, cases: list[PreprocessedCase]) -> EvalResult:
+    def evaluate(self, cases: list[PreprocessedCase], *, hd95: bool = True) -> EvalResult:
         """Whole-volume metrics over labelled ``cases`` (sliding window, argmax).
+
+        Args:
+            cases: labelled preprocessed cases.
+            hd95: also compute HD95 (about a second per case on a CPU); per-round
+                evaluations that only plot Dice skip it.
 
         Raises:
             TrainingError: no labelled cases.
@@ -420,7 +425,14 @@ class LocalTrainer:
             pred = self.predict(c.image, c.available)
             spacing = tuple(float(s) for s in np.linalg.norm(np.asarray(c.affine)[:3, :3], axis=0))
             out.append(
-                case_metrics(pred, np.asarray(c.label), self.cfg.num_classes, c.case_id, spacing)  # type: ignore[arg-type]
+                case_metrics(
+                    pred,
+                    np.asarray(c.label),
+                    self.cfg.num_classes,
+                    c.case_id,
+                    spacing,  # type: ignore[arg-type]
+                    hd95=hd95,
+                )
             )
         return summarize(out, self.cfg.labels)
 
