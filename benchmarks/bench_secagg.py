@@ -1,0 +1,102 @@
+"""Secure aggregation overhead: round time with SecAgg+ over round time without (issue 8).
+
+Four sites of tiny 24^3 NIfTI cases (or 32^3 and more cases without ``quick``), the same
+U-Net and seeds, Flower's simulation engine; both runs in one process, side by side. The
+figure is the ratio of the mean round time (``round_seconds`` of ``metrics.jsonl``) with
+secure aggregation over without. Target <= 1.5x, goal 1.25x.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.common import Figure  # noqa: E402
+
+NAME = "secagg"
+SITES = ("a", "b", "c", "d")
+
+
+def _write_federation(root: Path, cases: int, size: int, rounds: int) -> dict[str, Any]:
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    shape = (size, size, size)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+    folders = [(f"site-{s}", f"case{i:02d}", 0.2 * k) for k, s in enumerate(SITES)
+               for i in range(cases)] + [("central", f"test{i:02d}", 0.3) for i in range(2)]
+    for site, case, shift in folders:
+        folder = root / site / case
+        folder.mkdir(parents=True)
+        centre = rng.uniform(size * 0.4, size * 0.6, size=3)[:, None, None, None]
+        label = (np.sqrt(((grid - centre) ** 2).sum(0)) < size / 5).astype(np.uint8)
+        image = (rng.normal(1.0 + shift, 0.3, shape) + 2.0 * label).astype(np.float32)
+        affine = np.diag([2.0, 2.0, 2.0, 1.0])
+        nib.save(nib.Nifti1Image(image, affine), folder / "T1.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), folder / "label.nii.gz")
+    return {
+        "name": "bench-secagg", "root": str(root), "modalities": ["T1"],
+        "labels": {0: "background", 1: "blob"},
+        "sites": [{"name": s, "path": f"site-{s}"} for s in SITES],
+        "central_test": "central",
+        "preprocessing": {"target_spacing": [2.0, 2.0, 2.0], "patch_size": [16, 16, 16],
+                          "patches_per_case": 1, "augment": False, "cache_dir": "cache"},
+        "model": {"channels": [4, 8, 16], "num_res_units": 0},
+        "training": {"batch_size": 2, "amp": False, "progress": False, "device": "cpu"},
+        "federation": {"rounds": rounds, "local_epochs": 1, "min_train_sites": 4,
+                       "min_available_sites": 4, "evaluate_sites": False,
+                       "client_resources": {"num_cpus": 1, "num_gpus": 0},
+                       "max_parallel_sites": 2, "round_timeout_s": 300},
+    }
+
+
+def _round_seconds(out: Path) -> list[float]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [float(x["round_seconds"]) for x in lines]
+
+
+def run(quick: bool = False) -> list[Figure]:
+    from fedmed.config import config_from_dict
+    from fedmed.federation.simulation import run_federated
+
+    cases, size, rounds = (3, 24, 2) if quick else (6, 32, 3)
+    with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
+        root = Path(tmp)
+        raw = _write_federation(root, cases, size, rounds)
+        plain_cfg = config_from_dict(raw, root=root)
+        secure_cfg = config_from_dict(
+            {**raw, "secure_aggregation": {"enabled": True}}, root=root
+        )
+        # Warm the preprocessing cache so that neither run pays for it.
+        run_federated(plain_cfg, root / "warm", rounds=1)
+        run_federated(plain_cfg, root / "plain")
+        run_federated(secure_cfg, root / "secure")
+        # Round 1 includes process start-up in both runs; later rounds are steady state.
+        plain = _round_seconds(root / "plain")
+        secure = _round_seconds(root / "secure")
+    steady_plain = float(np.mean(plain[1:] or plain))
+    steady_secure = float(np.mean(secure[1:] or secure))
+    ratio = steady_secure / steady_plain
+    return [
+        Figure(
+            NAME, "secagg_over_plain_round_time", ratio, "x", "<= 1.5x (goal 1.25x)",
+            ratio <= 1.5,
+            f"4 sites, U-Net (4, 8, 16), {cases} cases of {size}^3 per site, "
+            f"{rounds} rounds; mean round after the first: plain {steady_plain:.2f} s, "
+            f"SecAgg+ {steady_secure:.2f} s",
+            {"plain_round_s": plain, "secure_round_s": secure},
+        )
+    ]
+
+
+if __name__ == "__main__":
+    for fig in run(quick="--quick" in sys.argv):
+        print(json.dumps(fig.as_dict(), indent=2))
