@@ -53,7 +53,8 @@ def test_config_validates_and_names_every_part(federation: Path) -> None:
     assert cfg.modalities == MODALITIES
     assert cfg.labels == LABELS
     assert cfg.site_names == ["hospital-a", "hospital-b", "hospital-c"]
-    assert cfg.preprocessing.target_spacing == (2.2, 2.2, 2.2)
+    assert cfg.preprocessing.target_spacing == (2.0, 2.0, 2.0)
+    assert cfg.preprocessing.augment is False
     assert cfg.preprocessing.patch_size == (64, 64, 64)
     assert cfg.central_test is not None and cfg.resolve(cfg.central_test).is_dir()
     assert [cfg.resolve(p).name for p in cfg.unseen_sites] == ["unseen-scanner"]
