@@ -18,7 +18,7 @@ import torch
 
 
 def _one_hot(label: np.ndarray | torch.Tensor, num_classes: int) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(label)).long()
+    t = torch.from_numpy(np.array(label, dtype=np.int64))  # copies read-only memory maps
     if t.ndim == 4:
         t = t[0]
     return torch.nn.functional.one_hot(t, num_classes).permute(3, 0, 1, 2)[None].float()
