@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ __all__ = [
     "flwr_config_toml",
     "free_port",
     "node_config_string",
+    "start_supernode_until_active",
     "superlink_command",
     "supernode_command",
     "wait_for_port",
@@ -502,15 +504,19 @@ class ManagedProcess:
         self.stop_timeout = stop_timeout
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> ManagedProcess:
+    def start(self, *, append: bool = False) -> ManagedProcess:
         """Start the process (and wait for its port when one was given).
+
+        Args:
+            append: Keep the log of earlier starts (a restarted process) instead of
+                truncating it.
 
         Raises:
             FederationError: It exited early or its port did not open in time; the log
                 tail is in the message. The process group is stopped first.
         """
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
+        with self.log_path.open("ab" if append else "wb") as log:
             # start_new_session: own process group, so stop() reaches the grandchildren.
             self.process = subprocess.Popen(
                 self.argv,
@@ -609,3 +615,68 @@ class ManagedProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+SUPERNODE_ACTIVATED = r"SuperNode ID: (\d+)"
+"""What ``flower-supernode`` 1.41 logs once the SuperLink has activated it."""
+
+
+def start_supernode_until_active(
+    proc: ManagedProcess,
+    *,
+    timeout: float = 120.0,
+    retry_delay: float = 5.0,
+    cancel: threading.Event | None = None,
+) -> int:
+    """Start a SuperNode and start it again while the SuperLink refuses to activate it.
+
+    A SuperNode that was killed (power loss, OOM, SIGKILL) cannot send its deactivation, so
+    the SuperLink keeps its node ID online until the old session misses its heartbeats.
+    Flower 1.41 hard-codes that: the SuperNode declares a 30 s heartbeat interval (there
+    is no flag to change it) and the SuperLink waits ``HEARTBEAT_PATIENCE`` = 2 intervals,
+    so a restart within about a minute of the crash is refused with "could not be
+    activated" (HTTP 412). ``flower-supernode`` treats that as fatal and exits with code
+    305 instead of retrying (``--max-retries``/``--max-wait-time`` only cover transport
+    errors), so a supervisor must restart it: compose's ``restart: unless-stopped`` in
+    production, this loop in tests and scripts. Each attempt's log is appended to
+    ``proc.log_path``.
+
+    Args:
+        proc: The SuperNode (not started, or exited).
+        timeout: Give up after this many seconds.
+        retry_delay: Seconds between an exit and the next start; each start costs a
+            Python process start-up, so do not hammer the SuperLink.
+        cancel: Set it to stop trying (e.g. from the ``finally`` of a test).
+
+    Returns:
+        The number of starts it took (1: activated at once).
+
+    Raises:
+        FederationError: Not activated within ``timeout``, or cancelled; the log tail is in
+            the message. The process group is stopped first.
+    """
+    deadline = time.monotonic() + timeout
+    pattern = re.compile(SUPERNODE_ACTIVATED)
+    stop = cancel if cancel is not None else threading.Event()  # its wait() is the sleep
+    attempts = 0
+    while time.monotonic() < deadline and not stop.is_set():
+        # The previous attempt's SuperExec child outlives its parent: stop the whole group.
+        proc.stop()
+        offset = len(proc.log_text()) if attempts else 0
+        proc.start(append=attempts > 0)
+        attempts += 1
+        while time.monotonic() < deadline and proc.returncode is None:
+            if pattern.search(proc.log_text()[offset:]):
+                return attempts
+            if stop.wait(0.2):
+                break
+        if proc.returncode is None and pattern.search(proc.log_text()[offset:]):
+            return attempts
+        stop.wait(retry_delay)
+    proc.stop()
+    raise FederationError(
+        f"{proc.argv[0]} was not activated by the SuperLink after {attempts} start(s) in "
+        f"{timeout:.0f} s (cancelled: {stop.is_set()}); check "
+        f"that its key is registered (`flwr supernode list`); log {proc.log_path}:\n"
+        f"{proc.log_tail()}"
+    )
