@@ -72,9 +72,11 @@ def main() -> int:
     started = time.perf_counter()
     figures: list[Figure] = []
     failures: dict[str, str] = {}
-    for path in sorted(HERE.glob("bench_*.py")):
-        if args.only and path.stem not in args.only:
-            continue
+    info = machine()
+    paths = [p for p in sorted(HERE.glob("bench_*.py")) if not args.only or p.stem in args.only]
+    for done, path in enumerate(paths):
+        # The page is rewritten after every benchmark, so an interrupted run keeps its figures.
+        _write(args.out, figures, failures, info, started, pending=[p.stem for p in paths[done:]])
         print(f"== {path.stem}", flush=True)
         try:
             got = _load(path).run(quick=args.quick)
@@ -85,18 +87,27 @@ def main() -> int:
         for f in got:
             print(f"   {f.name}: {_fmt(f.value)} {f.unit} (target {f.target}, met {f.met})")
         figures.extend(got)
-    info = machine()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(figures, failures, info, time.perf_counter() - started))
-    args.out.with_suffix(".json").write_text(
-        json.dumps(
-            {"machine": info, "figures": [f.as_dict() for f in figures], "failures": failures},
-            indent=2,
-        )
-        + "\n"
-    )
+    _write(args.out, figures, failures, info, started, pending=[])
     print(f"wrote {args.out}")
     return 1 if failures else 0
+
+
+def _write(
+    out: Path,
+    figures: list[Figure],
+    failures: dict[str, str],
+    info: dict,
+    started: float,
+    pending: list[str],
+) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page = render(figures, failures, info, time.perf_counter() - started)
+    if pending:
+        page += f"\n(still running or not run: {', '.join(pending)})\n"
+    out.write_text(page)
+    record = {"machine": info, "figures": [f.as_dict() for f in figures]}
+    record |= {"failures": failures, "pending": pending}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
