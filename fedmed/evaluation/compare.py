@@ -167,7 +167,9 @@ def comparison_table(result: dict[str, Any]) -> Table:
         "x centralized",
         *[f"unseen {u}" for u in unseen],
     ]:
-        table.add_column(col, justify="left" if col == "approach" else "right")
+        table.add_column(
+            col, justify="left" if col == "approach" else "right", no_wrap=col == "approach"
+        )
     for name, r, ratio in _rows(result):
         table.add_row(
             name,
@@ -288,6 +290,9 @@ def plot_dice_per_round(out: Path, result: dict[str, Any]) -> Path:
             linestyle=":",
             label=f"best local-only {best} ({locals_[best]:.3f})",
         )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("Dice, central test set (mean over foreground classes)")
     ax.set_title("Federated training: central Dice per round")
