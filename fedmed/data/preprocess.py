@@ -338,9 +338,7 @@ def preprocess_images(
     # Foreground from the raw (resampled) intensities, per channel: MR scans carry noise
     # in the background, so "nonzero" would keep the whole field of view; a CT window can
     # map tissue to 0 after scaling, so it is judged before normalisation.
-    fg_channels = _foreground_masks(
-        image.as_tensor(), available, masked, settings.normalization
-    )
+    fg_channels = _foreground_masks(image.as_tensor(), available, masked, settings.normalization)
     fg = _largest_component(fg_channels.any(0))
     fg_channels = fg_channels & fg[None]
     if not bool(fg.any()):
@@ -428,6 +426,53 @@ def resample_label_to(
         cval=0,
     )
     return np.asarray(out, dtype=lab.dtype)
+
+
+def labels_from_probabilities_on(
+    probabilities: np.ndarray,
+    affine: np.ndarray,
+    ref_affine: np.ndarray,
+    ref_shape: Sequence[int],
+) -> np.ndarray:
+    """Argmax on another grid of class probabilities resampled linearly (world coordinates).
+
+    Interpolating probabilities, then taking the argmax on the target grid, keeps thin
+    structures that nearest-neighbour resampling of a coarse label map loses. Outside the
+    source grid the background (class 0) wins. One class is resampled at a time, keeping a
+    running maximum, so memory stays at two target-sized arrays.
+
+    Args:
+        probabilities: ``(K, X, Y, Z)`` class probabilities on the grid of ``affine``.
+        affine: ``(4, 4)`` voxel-to-RAS matrix of ``probabilities``.
+        ref_affine: ``(4, 4)`` voxel-to-RAS matrix of the target grid.
+        ref_shape: ``(X, Y, Z)`` of the target grid.
+
+    Returns:
+        ``(X, Y, Z)`` uint8 labels on the target grid.
+    """
+    from scipy.ndimage import affine_transform
+
+    probs = np.asarray(probabilities, dtype=np.float32)
+    if probs.ndim != 4:
+        raise PreprocessingError(f"probabilities must be (K, X, Y, Z), got {probs.shape}")
+    m = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.asarray(ref_affine, np.float64)
+    shape = tuple(int(s) for s in ref_shape)
+    best = np.full(shape, -1.0, dtype=np.float32)
+    labels = np.zeros(shape, dtype=np.uint8)
+    for k in range(probs.shape[0]):
+        p = affine_transform(
+            np.ascontiguousarray(probs[k]),
+            m[:3, :3],
+            offset=m[:3, 3],
+            output_shape=shape,
+            order=1,
+            mode="constant",
+            cval=1.0 if k == 0 else 0.0,
+        )
+        better = p > best
+        labels[better] = k
+        best = np.where(better, p, best)
+    return labels
 
 
 def _select_channel(img: Image, channel: int | None, path: Path, case_id: str) -> Image:
@@ -531,9 +576,11 @@ class CaseCache:
         paths = [str(mf.path.absolute()) for mf in case.images.values()]
         lp = case.label
         paths.append("" if lp is None else str(lp.absolute()))
-        stem = _safe_name(case.case_id) + "-" + hashlib.sha256(
-            json.dumps(sorted(paths)).encode()
-        ).hexdigest()[:8]
+        stem = (
+            _safe_name(case.case_id)
+            + "-"
+            + hashlib.sha256(json.dumps(sorted(paths)).encode()).hexdigest()[:8]
+        )
         label_path = _label_path(case)
         sources: dict[str, Any] = {
             "case_id": case.case_id,

@@ -79,7 +79,13 @@ def predict_images(
     Returns:
         The label map ``(X, Y, Z)`` on the grid of the first of the model's modalities given.
     """
-    from fedmed.data.preprocess import PreprocessSettings, preprocess_images, resample_label_to
+    import torch
+
+    from fedmed.data.preprocess import (
+        PreprocessSettings,
+        labels_from_probabilities_on,
+        preprocess_images,
+    )
     from fedmed.training.trainer import LocalTrainer
 
     cfg = loaded.cfg
@@ -92,8 +98,15 @@ def predict_images(
     settings = PreprocessSettings.from_config(cfg, target_spacing=loaded.target_spacing)
     pre = preprocess_images(dict(images), settings)
     trainer = LocalTrainer(cfg, loaded.model, device=device)
-    pred = trainer.predict(pre.image, pre.available)
-    label = resample_label_to(pred[None], pre.affine, reference.affine, reference.spatial_shape)
+    # Probabilities, not labels, go back to the scan's grid (linear interpolation, argmax
+    # there): the scan is usually finer than the working spacing, and thin structures
+    # survive that way (as in nnU-Net's export).
+    probs = torch.softmax(trainer.predict_logits(pre.image, pre.available), dim=0).cpu().numpy()
+    label = labels_from_probabilities_on(
+        probs, pre.affine, reference.affine, reference.spatial_shape
+    )
+    if cfg.training.postprocess_lcc:
+        label = trainer.largest_components(label)
     return Prediction(np.asarray(label, dtype=np.uint8), reference, missing)
 
 

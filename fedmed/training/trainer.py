@@ -396,15 +396,20 @@ class LocalTrainer:
 
     def predict(self, image: np.ndarray | torch.Tensor, available: np.ndarray) -> np.ndarray:
         """Label map ``(X, Y, Z)`` uint8 for one preprocessed image ``(C, X, Y, Z)``."""
-        labels = self.predict_logits(image, available).argmax(0).to(torch.uint8).cpu()
+        labels = self.predict_logits(image, available).argmax(0).to(torch.uint8).cpu().numpy()
         if self.training.postprocess_lcc:
-            from monai.transforms import KeepLargestConnectedComponent
+            labels = self.largest_components(labels)
+        return labels
 
-            keep = KeepLargestConnectedComponent(
-                applied_labels=list(range(1, self.cfg.num_classes)), independent=True
-            )
-            labels = torch.as_tensor(keep(labels[None]))[0].to(torch.uint8)
-        return labels.numpy()
+    def largest_components(self, labels: np.ndarray) -> np.ndarray:
+        """Keep the largest connected component of each foreground class (MONAI)."""
+        from monai.transforms import KeepLargestConnectedComponent
+
+        keep = KeepLargestConnectedComponent(
+            applied_labels=list(range(1, self.cfg.num_classes)), independent=True
+        )
+        out = torch.as_tensor(keep(torch.as_tensor(labels)[None]))[0]
+        return out.to(torch.uint8).numpy()
 
     def evaluate(self, cases: list[PreprocessedCase], *, hd95: bool = True) -> EvalResult:
         """Whole-volume metrics over labelled ``cases`` (sliding window, argmax).
