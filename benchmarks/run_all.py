@@ -67,12 +67,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other benchmarks' figures on an existing page; replace those re-run",
+    )
     ap.add_argument("only", nargs="*", help="benchmark names (e.g. bench_cache)")
     args = ap.parse_args()
     started = time.perf_counter()
     figures: list[Figure] = []
     failures: dict[str, str] = {}
     info = machine()
+    kept: list[Figure] = []
+    if args.update and args.out.with_suffix(".json").is_file():
+        old = json.loads(args.out.with_suffix(".json").read_text())
+        kept = [Figure(**f) for f in old["figures"]]
+        failures = {k: v for k, v in old.get("failures", {}).items() if k not in args.only}
     paths = [p for p in sorted(HERE.glob("bench_*.py")) if not args.only or p.stem in args.only]
     for done, path in enumerate(paths):
         # The page is rewritten after every benchmark, so an interrupted run keeps its figures.
@@ -87,6 +97,8 @@ def main() -> int:
         for f in got:
             print(f"   {f.name}: {_fmt(f.value)} {f.unit} (target {f.target}, met {f.met})")
         figures.extend(got)
+    rerun = {f.benchmark for f in figures}
+    figures = [f for f in kept if f.benchmark not in rerun] + figures
     _write(args.out, figures, failures, info, started, pending=[])
     print(f"wrote {args.out}")
     return 1 if failures else 0
