@@ -368,7 +368,8 @@ def _peek_shape(path: Path) -> tuple[tuple[int, ...], str] | None:
         if suffix in NIFTI_SUFFIXES:
             import nibabel as nib
 
-            return tuple(int(s) for s in nib.load(str(path)).shape), "nifti"
+            img: Any = nib.load(str(path))  # header only: voxels are not read here
+            return tuple(int(s) for s in img.shape), "nifti"
         if suffix in SITK_SUFFIXES:
             import SimpleITK as sitk
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -122,7 +123,7 @@ def _read_nifti(p: Path) -> Image:
     import nibabel as nib
 
     try:
-        img = nib.load(str(p))
+        img: Any = nib.load(str(p))  # a Nifti1Image / Nifti2Image for these suffixes
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt/truncated files
         raise ImageReadError(
@@ -154,7 +155,7 @@ def _sitk_affine(img: object) -> np.ndarray:
     return _LPS_TO_RAS @ aff
 
 
-def _from_sitk(img: object, p: Path) -> Image:
+def _from_sitk(img: Any, p: Path) -> Image:
     import SimpleITK as sitk
 
     arr = sitk.GetArrayFromImage(img)  # (Z, Y, X) or (Z, Y, X, C)

@@ -151,7 +151,8 @@ def compress(
             continue
         x = arr.astype(np.float32).ravel()
         if use_deltas:
-            x = x - np.asarray(reference[name], dtype=np.float32).ravel()  # type: ignore[index]
+            ref = np.asarray(reference[name], dtype=np.float32).ravel()  # type: ignore[index]
+            x = x - ref
         if kind == "float16":
             dest[:] = x.astype(np.float16)
         elif kind == "bfloat16":

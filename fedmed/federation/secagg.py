@@ -219,7 +219,9 @@ def _secaggplus_workflow_class() -> type:
 
         def collect_masked_vectors_stage(self, grid: Any, context: Any, state: Any) -> bool:
             return bool(super().collect_masked_vectors_stage(
-                _ObservingGrid(grid, self.on_masked, self.on_replies), context, state
+                _ObservingGrid(grid, self.on_masked, self.on_replies),  # type: ignore[arg-type]
+                context,
+                state,
             ))
 
     return ObservedSecAggPlusWorkflow
