@@ -84,9 +84,13 @@ def main() -> int:
         kept = [Figure(**f) for f in old["figures"]]
         failures = {k: v for k, v in old.get("failures", {}).items() if k not in args.only}
     paths = [p for p in sorted(HERE.glob("bench_*.py")) if not args.only or p.stem in args.only]
+    # Figures of the benchmarks being re-run are replaced; the others are kept (--update).
+    rerun_names = {p.stem.removeprefix("bench_") for p in paths}
+    kept = [f for f in kept if f.benchmark not in rerun_names]
     for done, path in enumerate(paths):
         # The page is rewritten after every benchmark, so an interrupted run keeps its figures.
-        _write(args.out, figures, failures, info, started, pending=[p.stem for p in paths[done:]])
+        pending = [p.stem for p in paths[done:]]
+        _write(args.out, kept + figures, failures, info, started, pending=pending)
         print(f"== {path.stem}", flush=True)
         try:
             got = _load(path).run(quick=args.quick)
