@@ -98,3 +98,10 @@ def test_malformed_files(tmp_path: Path, content: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_template_validates() -> None:
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "template-federation.yaml")
+    assert cfg.site_names == ["hospital-a", "hospital-b"]
+    assert cfg.privacy_for("hospital-b").max_epsilon == 4.0
+    assert cfg.preprocessing.target_spacing is None  # planned from fingerprints
