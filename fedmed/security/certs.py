@@ -28,6 +28,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from cryptography import x509
@@ -332,17 +333,7 @@ def create_site_keys(out: Path | str, name: str, *, force: bool = False) -> Site
     paths = SiteKeyPaths(private_key=out / name, public_key=out / f"{name}.pub")
     _check_targets([paths.private_key, paths.public_key], force)
 
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    _write_new(paths.private_key, private, _PRIVATE_MODE, force)
-    _write_new(paths.public_key, public + f" {name}\n".encode(), _PUBLIC_MODE, force)
+    _write_openssh_pair(ec.generate_private_key(ec.SECP384R1()), paths, name, force)
     return paths
 
 
@@ -387,17 +378,7 @@ def create_publisher_keys(
     out = _make_dir(Path(out))
     paths = PublisherKeyPaths(private_key=out / name, public_key=out / f"{name}.pub")
     _check_targets([paths.private_key, paths.public_key], force)
-    key = ed25519.Ed25519PrivateKey.generate()
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    _write_new(paths.private_key, private, _PRIVATE_MODE, force)
-    _write_new(paths.public_key, public + f" {name}\n".encode(), _PUBLIC_MODE, force)
+    _write_openssh_pair(ed25519.Ed25519PrivateKey.generate(), paths, name, force)
     return paths
 
 
@@ -450,3 +431,17 @@ def write_trusted_entities(
     data = yaml.safe_dump(clean, default_flow_style=False, sort_keys=True).encode()
     _write_new(target, data, _PUBLIC_MODE, force)
     return target
+
+
+def _write_openssh_pair(key: Any, paths: Any, comment: str, force: bool) -> None:
+    """Write ``key`` as an OpenSSH private key (0600) and public key (0644, with a comment)."""
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    _write_new(paths.private_key, private, _PRIVATE_MODE, force)
+    _write_new(paths.public_key, public + f" {comment}\n".encode(), _PUBLIC_MODE, force)
