@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedmed.data.check import plan_target_spacing  # re-exported: the coordinator's planner
 from fedmed.data.formats import Case, SiteManifest
 from fedmed.data.io import Image, read_image
 from fedmed.errors import ConfigError, ImageReadError, PreprocessingError
@@ -799,43 +799,6 @@ def preprocess_site(
 
 
 # --------------------------------------------------------------------------- planning
-
-
-def plan_target_spacing(fingerprints: Sequence[Mapping[str, Any]]) -> tuple[float, float, float]:
-    """The target spacing of a federation: per axis, the median of the sites' median spacing.
-
-    Args:
-        fingerprints: the sites' ``fingerprint.json`` contents (key ``median_spacing``).
-
-    Raises:
-        ConfigError: no fingerprint, or one without a valid ``median_spacing``.
-    """
-    try:
-        from fedmed.data import check as _check
-
-        other = getattr(_check, "plan_target_spacing", None)
-    except ImportError:
-        other = None
-    if other is not None and other is not plan_target_spacing:
-        planned = other(list(fingerprints))
-        return (float(planned[0]), float(planned[1]), float(planned[2]))
-    if not fingerprints:
-        raise ConfigError(
-            "cannot plan target_spacing: no site fingerprint; run `fedmed data check` on each "
-            "site or set preprocessing.target_spacing"
-        )
-    spacings = []
-    for fp in fingerprints:
-        ms = fp.get("median_spacing")
-        if not isinstance(ms, list | tuple) or len(ms) != 3:
-            raise ConfigError(
-                f"fingerprint of site {fp.get('site', '?')!r} has no valid median_spacing "
-                f"(got {ms!r}); re-run `fedmed data check` on that site"
-            )
-        spacings.append([float(v) for v in ms])
-    return tuple(  # type: ignore[return-value]
-        float(statistics.median(s[a] for s in spacings)) for a in range(3)
-    )
 
 
 def load_fingerprints(cfg: FederationConfig) -> list[dict[str, Any]]:
