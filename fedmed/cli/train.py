@@ -136,20 +136,22 @@ def _predict_site(loaded: object, site_dir: Path, out: Path, console: Console) -
 
     from fedmed.data.formats import load_site
     from fedmed.data.io import read_image, write_label_like
+    from fedmed.data.preprocess import PreprocessSettings, read_case_images
     from fedmed.training.checkpoint import LoadedModel
-    from fedmed.training.inference import predict_images, read_case_images
+    from fedmed.training.inference import predict_images
     from fedmed.training.metrics import case_metrics
 
     assert isinstance(loaded, LoadedModel)
     cfg = loaded.cfg
     manifest = load_site(site_dir, expected_modalities=cfg.modalities)
+    settings = PreprocessSettings.from_config(cfg, target_spacing=loaded.target_spacing)
     out.mkdir(parents=True, exist_ok=True)
     table = Table(title=f"predictions for {site_dir}")
     table.add_column("case")
     table.add_column("mask")
     table.add_column("Dice (if labelled)", justify="right")
     for case in manifest.cases:
-        pred = predict_images(loaded, read_case_images(case, cfg.modalities))
+        pred = predict_images(loaded, read_case_images(case, settings))
         dest = write_label_like(out / f"{case.case_id}.nii.gz", pred.label, pred.reference)
         dice = "-"
         if case.label is not None and case.label.is_file():

@@ -129,20 +129,3 @@ def split_channels(image: Image, modalities: Sequence[str]) -> dict[str, Image]:
         for c, m in enumerate(modalities)
     }
 
-
-def read_case_images(case: object, modalities: Sequence[str]) -> dict[str, Image]:
-    """Read the modality files of a :class:`~fedmed.data.formats.Case` (4D files once)."""
-    from fedmed.data.formats import Case
-
-    assert isinstance(case, Case)  # internal call, not user input
-    cache: dict[Path, Image] = {}
-    out: dict[str, Image] = {}
-    for m in modalities:
-        mf = case.images.get(m)
-        if mf is None:
-            continue
-        img = cache.get(mf.path) or cache.setdefault(mf.path, read_image(mf.path))
-        if mf.channel is not None:
-            img = Image(img.array[mf.channel : mf.channel + 1], img.affine, img.source, img.header)
-        out[m] = img
-    return out
