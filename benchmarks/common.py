@@ -9,7 +9,6 @@ wall-clock time.
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,16 +34,14 @@ class Figure:
 
 
 def machine() -> dict[str, Any]:
-    """Cores, memory, GPU (if any), Python/torch versions and today's date."""
-    import psutil
+    """Cores, memory, GPU (as in the comparison report), Python/torch versions and the date."""
     import torch
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    from fedmed.evaluation.compare import machine_description
+
     return {
+        **machine_description(),
         "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "gpu": gpu,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "date": _dt.date.today().isoformat(),
