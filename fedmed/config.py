@@ -118,7 +118,8 @@ class ModelConfig(_Frozen):
     groups: PositiveInt = 8
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     modality_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    """``fusion`` only: probability of hiding each available modality during training."""
+    """``fusion`` only: probability that a training patch loses one of its modalities (drawn
+    uniformly, never the last one), so that the network also works where one is missing."""
 
     @model_validator(mode="after")
     def _levels(self) -> ModelConfig:
@@ -199,6 +200,9 @@ class FederationSettings(_Frozen):
     rounds: PositiveInt = 10
     local_epochs: PositiveInt = 2
     """Passes over a site's own training cases per round."""
+    keep_optimizer_state: bool = False
+    """A site resumes its own optimiser moments (AdamW / momentum) from its last round instead
+    of starting a fresh optimiser every round (kept in the site's state dir)."""
     fraction_train: Annotated[float, Field(gt=0, le=1)] = 1.0
     min_train_sites: PositiveInt = 1
     min_available_sites: PositiveInt = 1

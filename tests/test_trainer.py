@@ -116,3 +116,27 @@ def test_set_weights_names_mismatches(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="shape"):
         trainer.set_weights(bad)
     assert not math.isnan(float(next(iter(w.values())).float().sum()))
+
+
+def test_optimizer_state_is_kept_between_rounds(tmp_path: Path) -> None:
+    cfg = toy_config(tmp_path)
+    seed_everything(0)
+    model = build_model(cfg.model, len(cfg.modalities), cfg.num_classes)
+    kept = tmp_path / "state" / "optimizer-run.pt"
+    trainer = LocalTrainer(cfg, model, device="cpu", optimizer_state=kept)
+    first = trainer.fit(toy_cases(3), epochs=1, round_index=1, total_epochs=2)
+    saved = torch.load(kept, weights_only=True)
+    assert saved["round"] == 1
+    steps = [int(s["step"]) for s in saved["optimizer"]["state"].values()]
+    assert steps and all(s == first.steps for s in steps)
+
+    trainer.fit(toy_cases(3), epochs=1, round_index=2, start_epoch=1, total_epochs=2)
+    resumed = torch.load(kept, weights_only=True)
+    assert resumed["round"] == 2
+    # AdamW's step counts continued from round 1 instead of starting again
+    assert all(int(s["step"]) == 2 * first.steps for s in resumed["optimizer"]["state"].values())
+
+    # a round re-run after a restart must not load moments from its own (or a later) round
+    trainer.fit(toy_cases(3), epochs=1, round_index=2, start_epoch=1, total_epochs=2)
+    again = torch.load(kept, weights_only=True)
+    assert all(int(s["step"]) == first.steps for s in again["optimizer"]["state"].values())

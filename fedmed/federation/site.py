@@ -37,6 +37,7 @@ from fedmed.config import FederationConfig, config_from_dict, load_config
 from fedmed.errors import FederationError
 from fedmed.federation import compression
 from fedmed.federation.fedbn import load_site_norm, save_site_norm, split_norm
+from fedmed.training.ledger import safe_name
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +162,16 @@ def _build(cfg: FederationConfig, spec: SiteSpec, run_name: str) -> Any:
     from fedmed.training.trainer import LocalTrainer
 
     model = build_model(cfg.model, len(cfg.modalities), cfg.num_classes)
+    optimizer_state = None
     if spec.state_dir is not None:
         spec.state_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.federation.keep_optimizer_state:
+            optimizer_state = spec.state_dir / f"optimizer-{safe_name(run_name)}.pt"
     return LocalTrainer(
         cfg, model, device=spec.device, site=spec.name, state_dir=spec.state_dir,
-        run_id=run_name,
+        run_id=run_name, optimizer_state=optimizer_state,
     )
+
 
 
 def _load_cases(cfg: FederationConfig, spec: SiteSpec, split: Literal["train", "val"]) -> list[Any]:

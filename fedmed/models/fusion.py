@@ -57,7 +57,8 @@ class IntermediateFusionUNet(nn.Module):
         in_channels: number of modalities (at least 2).
         num_classes: number of output channels.
         divisor: product of the strides; spatial input sizes must be multiples of it.
-        modality_dropout: probability of hiding each available modality while training.
+        modality_dropout: probability that a training sample loses one of its available
+            modalities (never its last one).
         encoders: one ``ModuleList`` of levels per modality.
         decoder: the up stages, deepest first.
     """
@@ -158,11 +159,14 @@ class IntermediateFusionUNet(nn.Module):
         return nn.Sequential(conv, unit)
 
     def drop_modalities(self, mask: torch.Tensor) -> torch.Tensor:
-        """Hide each available modality with probability ``modality_dropout``.
+        """With probability ``modality_dropout``, hide one available modality of a sample.
 
-        At least one available modality per sample is kept: when all are drawn to be
-        hidden, the one with the largest draw survives (uniform among them by symmetry).
-        Uses the global torch RNG, so ``torch.manual_seed`` makes it reproducible.
+        The hidden modality is drawn uniformly among the sample's available ones, and a
+        sample with a single modality keeps it. Hiding one at a time (rather than each
+        independently) trains the case a site actually has -- all modalities but one -- as
+        often as possible: at 0.75 with three modalities, a quarter of the patches lack FLAIR,
+        a quarter lack T1, a quarter lack T2 and a quarter have all. Uses the global torch
+        RNG, so ``torch.manual_seed`` makes it reproducible.
 
         Args:
             mask: ``(B, C)`` bool availability.
@@ -170,12 +174,12 @@ class IntermediateFusionUNet(nn.Module):
         Returns:
             The reduced mask (a subset of ``mask``).
         """
+        drop = torch.rand(mask.shape[0], device=mask.device) < self.modality_dropout
+        drop &= mask.sum(dim=1) >= 2
         draw = torch.rand(mask.shape, device=mask.device)
-        keep = mask & (draw >= self.modality_dropout)
-        lost_all = mask.any(dim=1) & ~keep.any(dim=1)
-        rescue = torch.where(mask, draw, torch.full_like(draw, -1.0)).argmax(dim=1)
-        rescued = nn.functional.one_hot(rescue, mask.shape[1]).bool() & lost_all[:, None]
-        return keep | rescued
+        victim = torch.where(mask, draw, torch.full_like(draw, -1.0)).argmax(dim=1)
+        hidden = nn.functional.one_hot(victim, mask.shape[1]).bool() & drop[:, None]
+        return mask & ~hidden
 
     def forward(self, x: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, K, X, Y, Z)`` for images ``(B, C, X, Y, Z)``.

@@ -51,14 +51,15 @@ def default_state_dir(state_dir: Path | None) -> Path:
     return Path(state_dir) if state_dir is not None else Path.cwd() / STATE_DIR_NAME
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """``name`` with every character but letters, digits, ``_ . -`` replaced by ``_``."""
     # run ids may come from users or timestamps; keep file names portable
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
 
 
 def ledger_path(state_dir: Path, run_id: str, site: str | None) -> Path:
     """``<state_dir>/ledger-<run_id>-<site>.json`` (unsafe characters replaced by ``_``)."""
-    return Path(state_dir) / f"ledger-{_safe(run_id)}-{_safe(site or 'local')}.json"
+    return Path(state_dir) / f"ledger-{safe_name(run_id)}-{safe_name(site or 'local')}.json"
 
 
 def merge_history(history: Iterable[HistoryItem]) -> list[HistoryItem]:

@@ -119,6 +119,8 @@ class LocalTrainer:
         privacy: the site's DP settings; default ``cfg.privacy_for(site)`` or ``cfg.privacy``.
         state_dir: where a site keeps state across rounds and restarts (DP ledger).
         run_id: identifies the federated run in the ledger.
+        optimizer_state: file where :meth:`fit` keeps the optimiser's state between calls
+            (a site's moments across federated rounds); ``None``: a fresh optimiser per fit.
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class LocalTrainer:
         privacy: PrivacyConfig | None = None,
         state_dir: Path | None = None,
         run_id: str = "run",
+        optimizer_state: Path | None = None,
     ) -> None:
         self.cfg = cfg
         self.training = cfg.training
@@ -146,6 +149,7 @@ class LocalTrainer:
         self.privacy = privacy
         self.state_dir = state_dir
         self.run_id = run_id
+        self.optimizer_state = optimizer_state
         self.loss_fn = self._make_loss()
         self._progress_epoch = 0
 
@@ -299,6 +303,7 @@ class LocalTrainer:
             persistent_workers=False,
         )
         optimizer = self.make_optimizer(self.model.parameters())
+        self._restore_optimizer(optimizer, round_index)
         scaler = torch.amp.GradScaler(
             "cuda",
             enabled=self.device.type == "cuda" and t.amp and not torch.cuda.is_bf16_supported(),
@@ -348,12 +353,38 @@ class LocalTrainer:
                     seconds=time.perf_counter() - ep_started,
                     cases=len(cases),
                 )
+        self._keep_optimizer(optimizer, round_index)
         return FitResult(
             loss=epoch_loss,
             steps=taken,
             num_cases=len(cases),
             seconds=time.perf_counter() - started,
         )
+
+    def _restore_optimizer(self, optimizer: torch.optim.Optimizer, round_index: int | None) -> None:
+        """Load the moments kept by an earlier fit.
+
+        Only from an earlier round: a round re-run after a restart must not see its future.
+        """
+        path = self.optimizer_state
+        if path is None or not path.is_file():
+            return
+        kept = torch.load(path, map_location=self.device, weights_only=True)
+        if round_index is not None and int(kept.get("round", 0)) >= round_index:
+            return
+        try:
+            optimizer.load_state_dict(kept["optimizer"])
+        except (KeyError, ValueError) as err:
+            log.warning("ignoring optimiser state %s that does not fit this model: %s", path, err)
+
+    def _keep_optimizer(self, optimizer: torch.optim.Optimizer, round_index: int | None) -> None:
+        path = self.optimizer_state
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"round": round_index or 0, "optimizer": optimizer.state_dict()}, tmp)
+        tmp.replace(path)
 
     def _label(self, round_index: int | None) -> str:
         who = self.site or "pooled"
