@@ -117,7 +117,12 @@ def run_comparison(
     (out / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_dice_per_round(out, result)
     (out / "report.md").write_text(render_report(result, cfg))
-    console.print(comparison_table(result))
+    table = comparison_table(result)
+    if console.is_terminal:
+        console.print(table)
+    else:
+        # logs (CI, nohup, make demo | tee) default to 80 columns, which truncates every cell
+        Console(width=max(console.width, 160), file=console.file).print(table)
     console.print(f"report: [bold]{out / 'report.md'}[/]  plot: {out / 'dice_per_round.png'}")
     return result
 
