@@ -210,3 +210,75 @@ def test_secure_rng_without_torchcsprng_explains(tmp_path: Path) -> None:
     trainer = _trainer(cfg, tmp_path)
     with pytest.raises(PrivacyError, match="torchcsprng"):
         trainer.fit(_cases(2), 1)
+
+
+_CHILD = """
+import sys, json
+from pathlib import Path
+import numpy as np, torch
+from fedmed.config import FederationConfig
+from fedmed.data.preprocess import PreprocessedCase
+from fedmed.models import build_model
+from fedmed.training.trainer import LocalTrainer
+
+root, rounds, last_epochs = Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+cfg = FederationConfig.model_validate_json((root / "cfg.json").read_text())
+data = np.load(root / "cases.npz")
+cases = [PreprocessedCase(f"case{i}", data["images"][i], data["labels"][i], np.ones(1, bool),
+                          np.eye(4)) for i in range(len(data["images"]))]
+torch.manual_seed(0)
+model = build_model(cfg.model, len(cfg.modalities), cfg.num_classes)
+trainer = LocalTrainer(cfg, model, device="cpu", site="site-a", state_dir=root / "state",
+                       run_id="run-1")
+for k, r in enumerate(rounds):
+    epochs = last_epochs if k == len(rounds) - 1 else 1
+    res = trainer.fit(cases, epochs, round_index=r, start_epoch=r - 1, total_epochs=1000)
+    print(f"round {r} epsilon {res.epsilon}", flush=True)
+"""
+
+
+def test_killed_client_process_resumes_its_epsilon(tmp_path: Path) -> None:
+    """A site process SIGKILLed in the middle of round 2 and started again continues from
+    round 1's epsilon: the unfinished round released nothing and is not counted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = _cfg(tmp_path, noise_multiplier=1.0, expected_batch_size=2, target_epsilon=None)
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    cases = _cases(8)
+    np.savez(tmp_path / "cases.npz", images=np.stack([c.image for c in cases]),
+             labels=np.stack([c.label for c in cases]))
+    script = tmp_path / "site.py"
+    script.write_text(_CHILD)
+    path = ledger_path(tmp_path / "state", "run-1", SITE)
+
+    # rounds 1 and 2, where round 2 is far too long to finish: killed once it has started
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), "[1, 2]", "100000"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("round 1 epsilon"), line
+        time.sleep(2.0)  # well inside round 2's DP steps
+        assert proc.poll() is None, "round 2 ended before it could be killed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    after_kill = PrivacyLedger.load(path)
+    assert after_kill.history == [(1.0, 0.25, 4)]
+    assert after_kill.epsilon() == pytest.approx(_rdp(1.0, 0.25, 4), rel=1e-9)
+
+    # the restarted process runs round 2 again and continues the count from round 1
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "[2]", "1"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    reported = float(done.stdout.split("epsilon")[-1])
+    resumed = PrivacyLedger.load(path)
+    assert resumed.history == [(1.0, 0.25, 4)] * 2
+    assert reported == pytest.approx(_rdp(1.0, 0.25, 8), rel=0.01)
+    assert resumed.epsilon() == _rdp(1.0, 0.25, 8)
