@@ -55,7 +55,8 @@ def test_config_validates_and_names_every_part(federation: Path) -> None:
     assert cfg.site_names == ["hospital-a", "hospital-b", "hospital-c"]
     assert cfg.preprocessing.target_spacing == (2.0, 2.0, 2.0)
     assert cfg.preprocessing.augment is False
-    assert cfg.preprocessing.patch_size == (64, 64, 64)
+    assert cfg.preprocessing.patch_size == (48, 48, 48)
+    assert cfg.preprocessing.patches_per_case == 2
     assert cfg.central_test is not None and cfg.resolve(cfg.central_test).is_dir()
     assert [cfg.resolve(p).name for p in cfg.unseen_sites] == ["unseen-scanner"]
     sections = default_training_sections()
