@@ -31,7 +31,13 @@ def run(quick: bool = False, modality_dropout: float = MODALITY_DROPOUT) -> list
     from fedmed.config import load_config
     from fedmed.data.dataset import load_site_cases
     from fedmed.data.preprocess import PreprocessSettings, preprocess_images
-    from fedmed.data.synth import default_scanners, default_training_sections, simulate_subject
+    from fedmed.data.synth import (
+        PATCH_SIZE,
+        PATCHES_PER_CASE,
+        default_scanners,
+        default_training_sections,
+        simulate_subject,
+    )
     from fedmed.evaluation.baselines import run_pooled
     from fedmed.training.checkpoint import load_model
     from fedmed.training.trainer import LocalTrainer
@@ -46,6 +52,7 @@ def run(quick: bool = False, modality_dropout: float = MODALITY_DROPOUT) -> list
     # the cached federation may predate the current demo defaults: apply them
     training = default_training_sections()["training"]
     cfg = base.with_changes(
+        preprocessing={"patch_size": PATCH_SIZE, "patches_per_case": PATCHES_PER_CASE},
         model=changes,
         training={**training, "epochs": 2 if quick else training["epochs"], "progress": False},
     )

@@ -49,7 +49,7 @@ def run(quick: bool = False) -> list[Figure]:
     from fedmed.config import load_config
     from fedmed.data.formats import load_site
     from fedmed.data.io import read_image
-    from fedmed.data.synth import default_training_sections
+    from fedmed.data.synth import PATCH_SIZE, PATCHES_PER_CASE, default_training_sections
     from fedmed.evaluation.baselines import run_pooled
     from fedmed.training.metrics import case_metrics
 
@@ -57,7 +57,10 @@ def run(quick: bool = False) -> list[Figure]:
         4, 4 if quick else 10, test_cases=2 if quick else 8, scale=2.0 if quick else 1.0
     )
     # the cached federation may predate the current demo defaults: apply them
-    cfg = load_config(fed).with_changes(training=default_training_sections()["training"])
+    cfg = load_config(fed).with_changes(
+        preprocessing={"patch_size": PATCH_SIZE, "patches_per_case": PATCHES_PER_CASE},
+        training=default_training_sections()["training"],
+    )
     if quick:
         cfg = cfg.with_changes(model={"channels": (8, 16, 32)}, training={"epochs": 2})
     cfg = cfg.with_changes(training={"progress": False})
