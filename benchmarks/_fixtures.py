@@ -47,9 +47,24 @@ def synth_federation(
     Returns:
         Path of its ``federation.yaml``.
     """
+    key = f"synth-s{sites}-c{cases_per_site}-t{test_cases}-x{scale:g}-seed{seed}"
+    return cached_federation(
+        key, sites=sites, cases_per_site=cases_per_site, test_cases=test_cases, seed=seed,
+        scale=scale,
+    )
+
+
+def cached_federation(key: str, **generate: Any) -> Path:
+    """``generate_federation(**generate)`` made once under ``CACHE_ROOT / key``, then reused.
+
+    ``key`` must name every argument that shapes the federation. ``unseen_cases`` defaults to
+    0 and the progress bar is off.
+
+    Returns:
+        Path of its ``federation.yaml``.
+    """
     from fedmed.data.synth import generate_federation
 
-    key = f"synth-s{sites}-c{cases_per_site}-t{test_cases}-x{scale:g}-seed{seed}"
     dest = CACHE_ROOT / key
     if (dest / MARKER).is_file():
         return dest / "federation.yaml"
@@ -58,10 +73,7 @@ def synth_federation(
     # half-written federation that looks complete.
     work = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=CACHE_ROOT))
     try:
-        generate_federation(
-            work / "fed", sites=sites, cases_per_site=cases_per_site, test_cases=test_cases,
-            unseen_cases=0, seed=seed, progress=False, scale=scale,
-        )
+        generate_federation(work / "fed", **{"unseen_cases": 0, "progress": False, **generate})
         (work / "fed" / MARKER).write_text("ok\n")
         if dest.exists():
             shutil.rmtree(dest)

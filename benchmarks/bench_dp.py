@@ -51,7 +51,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -108,31 +107,18 @@ def federation(setup: Setup, seed: int = 0) -> Path:
     Returns:
         Path of its ``federation.yaml``.
     """
-    from fedmed.data.synth import default_scanners, generate_federation
+    from fedmed.data.synth import default_scanners
 
     key = (f"dp-s{setup.sites}-c{setup.cases_per_site}-t{setup.test_cases}"
            f"-x{setup.scale:g}-eq-seed{seed}")
-    dest = fx.CACHE_ROOT / key
-    if (dest / fx.MARKER).is_file():
-        return dest / "federation.yaml"
-    fx.CACHE_ROOT.mkdir(parents=True, exist_ok=True)
     # equal cohorts: the default skew (weights 1.6 : 1 : 0.8 : 0.6) would give the smallest
     # site too few patients for a meaningful patient-level guarantee
     scanners = [replace(p, cohort_weight=1.0) for p in default_scanners(setup.sites, seed)]
-    work = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=fx.CACHE_ROOT))
-    try:
-        generate_federation(
-            work / "fed", sites=setup.sites, cases_per_site=setup.cases_per_site,
-            test_cases=setup.test_cases, unseen_cases=0, seed=seed, progress=False,
-            scale=setup.scale, workers=2, scanners=scanners,
-        )
-        (work / "fed" / fx.MARKER).write_text("ok\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        (work / "fed").rename(dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return dest / "federation.yaml"
+    return fx.cached_federation(
+        key, sites=setup.sites, cases_per_site=setup.cases_per_site,
+        test_cases=setup.test_cases, seed=seed, scale=setup.scale, workers=2,
+        scanners=scanners,
+    )
 
 
 def config(yaml_path: Path, setup: Setup, optim: Optim, *, dp: bool) -> Any:

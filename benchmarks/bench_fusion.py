@@ -32,8 +32,7 @@ def run(quick: bool = False, modality_dropout: float = MODALITY_DROPOUT) -> list
     from fedmed.data.dataset import load_site_cases
     from fedmed.data.preprocess import PreprocessSettings, preprocess_images
     from fedmed.data.synth import (
-        PATCH_SIZE,
-        PATCHES_PER_CASE,
+        default_preprocessing_section,
         default_scanners,
         default_training_sections,
         simulate_subject,
@@ -49,10 +48,10 @@ def run(quick: bool = False, modality_dropout: float = MODALITY_DROPOUT) -> list
     changes = {"architecture": "fusion", "modality_dropout": modality_dropout}
     if quick:
         changes["channels"] = (8, 16, 32)
-    # the cached federation may predate the current demo defaults: apply them
+    # the cached federation may predate the current demo recipe: apply it
     training = default_training_sections()["training"]
     cfg = base.with_changes(
-        preprocessing={"patch_size": PATCH_SIZE, "patches_per_case": PATCHES_PER_CASE},
+        preprocessing=default_preprocessing_section(),
         model=changes,
         training={**training, "epochs": 2 if quick else training["epochs"], "progress": False},
     )

@@ -49,16 +49,16 @@ def run(quick: bool = False) -> list[Figure]:
     from fedmed.config import load_config
     from fedmed.data.formats import load_site
     from fedmed.data.io import read_image
-    from fedmed.data.synth import PATCH_SIZE, PATCHES_PER_CASE, default_training_sections
+    from fedmed.data.synth import default_preprocessing_section, default_training_sections
     from fedmed.evaluation.baselines import run_pooled
     from fedmed.training.metrics import case_metrics
 
     fed = synth_federation(
         4, 4 if quick else 10, test_cases=2 if quick else 8, scale=2.0 if quick else 1.0
     )
-    # the cached federation may predate the current demo defaults: apply them
+    # the cached federation may predate the current demo recipe: apply it
     cfg = load_config(fed).with_changes(
-        preprocessing={"patch_size": PATCH_SIZE, "patches_per_case": PATCHES_PER_CASE},
+        preprocessing=default_preprocessing_section(),
         training=default_training_sections()["training"],
     )
     if quick:

@@ -52,6 +52,19 @@ PATCHES_PER_CASE = 2
 SUMMARY_FILE = "synth.json"
 
 
+def default_preprocessing_section() -> dict[str, Any]:
+    """The ``preprocessing`` section of the generated config (the demo's patch recipe)."""
+    return {
+        "target_spacing": list(TARGET_SPACING),
+        "patch_size": list(PATCH_SIZE),
+        "patches_per_case": PATCHES_PER_CASE,
+        # Spatial and intensity augmentation slow convergence more than they help within
+        # the demo's few CPU minutes (measured: lesion Dice 0.14 with, 0.69 without, at 24
+        # epochs); turn it on for real data and longer training.
+        "augment": False,
+    }
+
+
 def default_training_sections() -> dict[str, dict[str, Any]]:
     """The ``model``, ``training`` and ``federation`` sections of the generated config.
 
@@ -374,14 +387,7 @@ def _write_config(out: Path, profiles: Sequence[ScannerProfile], central: bool,
         "sites": [{"name": p.name, "path": p.name} for p in profiles],
         "central_test": "central-test" if central else None,
         "unseen_sites": [unseen] if unseen else [],
-        "preprocessing": {"target_spacing": list(TARGET_SPACING),
-                          "patch_size": list(PATCH_SIZE),
-                          "patches_per_case": PATCHES_PER_CASE,
-                          # Spatial and intensity augmentation slow convergence more than
-                          # they help within the demo's few CPU minutes (measured: lesion
-                          # Dice 0.14 with, 0.69 without, at 24 epochs); turn it on for
-                          # real data and longer training.
-                          "augment": False},
+        "preprocessing": default_preprocessing_section(),
         **default_training_sections(),
     }
     if not central:
