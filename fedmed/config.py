@@ -202,7 +202,8 @@ class FederationSettings(_Frozen):
     """Passes over a site's own training cases per round."""
     keep_optimizer_state: bool = False
     """A site resumes its own optimiser moments (AdamW / momentum) from its last round instead
-    of starting a fresh optimiser every round (kept in the site's state dir)."""
+    of starting a fresh optimiser every round (kept in the site's state dir; non-DP training
+    only: DP fits start a fresh optimiser each round)."""
     fraction_train: Annotated[float, Field(gt=0, le=1)] = 1.0
     min_train_sites: PositiveInt = 1
     min_available_sites: PositiveInt = 1

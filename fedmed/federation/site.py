@@ -173,7 +173,6 @@ def _build(cfg: FederationConfig, spec: SiteSpec, run_name: str) -> Any:
     )
 
 
-
 def _load_cases(cfg: FederationConfig, spec: SiteSpec, split: Literal["train", "val"]) -> list[Any]:
     from fedmed.data.dataset import load_site_cases
 
