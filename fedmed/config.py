@@ -245,6 +245,10 @@ class PrivacyConfig(_Frozen):
     secure_rng: bool = False
     expected_batch_size: PositiveInt = 16
     """Expected number of patients per DP step (Poisson sampling rate = this / cases)."""
+    weight_averaging: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Decay of an exponential moving average of the weights over a site's DP steps; the
+    site sends the average instead of the last iterate (0: off). Post-processing of released
+    noisy steps, so it costs no privacy; it smooths the noise's random walk."""
     client_level: Literal["none", "server_fixed", "client_fixed"] = "none"
     client_noise_multiplier: PositiveFloat = 1.0
     client_clipping_norm: PositiveFloat = 10.0

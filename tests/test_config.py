@@ -74,6 +74,7 @@ def test_privacy_override_per_site() -> None:
         ({"preprocessing": {"normalization": {"CT": {"kind": "zscore"}}}}, "unknown modalities"),
         ({"preprocessing": {"normalization": {"T1": {"kind": "ct_window"}}}}, "window"),
         ({"training": {"val_fraction": 0.5, "test_fraction": 0.45}}, "at least 10%"),
+        ({"privacy": {"weight_averaging": 1.0}}, "privacy.weight_averaging"),
     ],
 )
 def test_bad_configs_name_the_key(change: dict, message: str) -> None:

@@ -188,6 +188,33 @@ def test_dp_training_reduces_loss(tmp_path: Path) -> None:
     assert loss() < 0.8 * before
 
 
+def test_weight_averaging_returns_the_moving_average_of_the_iterates(tmp_path: Path) -> None:
+    decay = 0.6
+    cfg = _cfg(tmp_path, noise_multiplier=1.0, expected_batch_size=4, target_epsilon=None,
+               weight_averaging=decay)
+    trainer = _trainer(cfg, tmp_path)
+    start = [p.detach().clone() for p in trainer.model.parameters()]
+    iterates: list[list[torch.Tensor]] = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure: Any = None) -> Any:
+            out = super().step(closure)
+            iterates.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
+            return out
+
+    trainer.make_optimizer = lambda params: Recording(params, lr=0.05)  # type: ignore[method-assign]
+    res = trainer.fit(_cases(8), 3)
+    assert res.steps == len(iterates) == 6
+    expected = start
+    for it in iterates:
+        expected = [decay * e + (1 - decay) * p for e, p in zip(expected, it, strict=True)]
+    final = [p.detach() for p in trainer.model.parameters()]
+    for f, e in zip(final, expected, strict=True):
+        torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-6)
+    # the average, not the last iterate, is what the site keeps and sends
+    assert any(not torch.allclose(f, last) for f, last in zip(final, iterates[-1], strict=True))
+
+
 def test_fedprox_term_pulls_towards_reference(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, {"optimizer": "sgd", "momentum": 0.5, "learning_rate": 0.05},
                noise_multiplier=2.0, expected_batch_size=4, target_epsilon=None)

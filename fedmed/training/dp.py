@@ -326,6 +326,10 @@ def fit_private(
 
     total_steps = max(1, planned_epochs * spe)
     step = start_epoch * spe
+    decay = privacy.weight_averaging
+    averaged = (
+        [p.detach().clone() for p in optimizer.params] if decay > 0 else None
+    )
     epoch_loss = math.nan
     gsm.train()
     try:
@@ -371,6 +375,10 @@ def fit_private(
                             # clipping/noise needed and no privacy cost
                             p.grad.add_(p.detach() - r, alpha=mu)
                     optimizer.original_optimizer.step()
+                    if averaged is not None:
+                        with torch.no_grad():
+                            for a, p in zip(averaged, optimizer.params, strict=True):
+                                a.lerp_(p.detach(), 1.0 - decay)
                 step += 1
             epoch_loss = float(np.mean(losses)) if losses else math.nan
             trainer._log_epoch(
@@ -378,6 +386,10 @@ def fit_private(
                 lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - ep_started,
                 cases=n, dp_steps=spe, noise_multiplier=sigma, sample_rate=q,
             )
+        if averaged is not None:
+            with torch.no_grad():
+                for a, p in zip(averaged, optimizer.params, strict=True):
+                    p.copy_(a)
     finally:
         optimizer.zero_grad(set_to_none=True)
         trainer.model = gsm.to_standard_module()
