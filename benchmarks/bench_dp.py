@@ -47,7 +47,7 @@ Figures:
 
 ``quick`` runs the same pipeline on a tiny federation (2 sites x 24 patients, 1 round x 1
 epoch, expected batch 8) as a smoke run; its Dice figures mean nothing. The full run
-generates its federation once (~6 min on 2 cores); both runs then take ~9 min on 2 CPU cores.
+generates its federation once (~6 min on 2 cores); both runs then take ~12 min on 2 CPU cores.
 """
 
 from __future__ import annotations
