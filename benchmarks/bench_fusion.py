@@ -86,22 +86,24 @@ def run(quick: bool = False, modality_dropout: float = MODALITY_DROPOUT) -> list
     scanner = next(s for s in default_scanners(len(cfg.sites)) if s.name == SITE)
     full_scanner = dataclasses.replace(scanner, modalities=tuple(cfg.modalities))
     settings = PreprocessSettings.from_config(cfg)
-    settings_kept = PreprocessSettings.from_config(cfg_kept)
 
-    def scan(case_id: str, profile: Any, kept_only: bool = False) -> Any:
+    def scan(case_id: str, profile: Any) -> Any:
         subject = simulate_subject(seeds[case_id], profile, reference_spacing=None)
-        images = {m: v for m, v in subject.images.items() if not kept_only or m in kept}
-        return preprocess_images(
-            images, settings_kept if kept_only else settings, subject.label, case_id=case_id
-        )
+        return preprocess_images(subject.images, settings, subject.label, case_id=case_id)
 
     without = [*own, *(scan(c, scanner) for c in extra)]
     with_all = [scan(c.case_id, full_scanner) for c in without]
     d_without = trainer.evaluate(without, hd95=False)
     d_with = trainer.evaluate(with_all, hd95=False)
     gap = abs(d_with.dice_mean - d_without.dice_mean)
-    d_ceiling = trainer_kept.evaluate([scan(c.case_id, scanner, True) for c in without],
-                                      hd95=False)
+    # the very inputs the shared network saw without FLAIR, less the empty FLAIR channel
+    # (preprocessing treats each modality on its own, so this equals preprocessing T1 + T2)
+    keep = [list(cfg.modalities).index(m) for m in kept]
+    d_ceiling = trainer_kept.evaluate(
+        [dataclasses.replace(c, image=c.image[keep], available=c.available[keep])
+         for c in without],
+        hd95=False,
+    )
     ceiling_gap = d_with.dice_mean - d_ceiling.dice_mean
     n_own = len(own)
     own_gap = abs(
