@@ -16,7 +16,7 @@ $(BIN)/python:
 # instead of resolving the CUDA build through another package's requirement.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q "torch==2.13.0" || $(BIN)/python -m pip install -q "torch>=2.4,<3"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,tracking]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/mypy fedmed server client
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py --out docs/benchmarks.md
+	$(BIN)/python -m benchmarks.run_all --out docs/benchmarks.md
 
 clean:
 	rm -rf $(DEMO_DIR) runs .pytest_cache

@@ -22,10 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from benchmarks.common import Figure  # noqa: E402
+from benchmarks.common import Figure
 
 NAME = "cache"
 
@@ -89,13 +86,10 @@ def _epoch(cases, seed: int = 0) -> float:  # type: ignore[no-untyped-def]
 
 def run(quick: bool = False) -> list[Figure]:
     """Measure the cache; ``quick``: fewer, smaller cases."""
+    from fedmed.data.cache import CaseCache
     from fedmed.data.formats import load_site
-    from fedmed.data.preprocess import (
-        CaseCache,
-        PreprocessedCase,
-        PreprocessSettings,
-        preprocess_case,
-    )
+    from fedmed.data.planning import PreprocessSettings
+    from fedmed.data.preprocess import PreprocessedCase, preprocess_case
 
     n_cases = 2 if quick else 5
     modalities = ("T1", "T2", "FLAIR")

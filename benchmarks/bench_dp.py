@@ -59,11 +59,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from benchmarks import _fixtures as fx  # noqa: E402
-from benchmarks.common import Figure  # noqa: E402
+from benchmarks import _fixtures as fx
+from benchmarks.common import Figure
 
 NAME = "dp"
 TARGET_RATIO = 0.80

@@ -38,7 +38,8 @@ def run(quick: bool = False, modality_dropout: float = MODALITY_DROPOUT) -> list
     from benchmarks._fixtures import synth_federation
     from fedmed.config import load_config
     from fedmed.data.dataset import load_site_cases
-    from fedmed.data.preprocess import PreprocessSettings, preprocess_images
+    from fedmed.data.planning import plan_preprocessing
+    from fedmed.data.preprocess import preprocess_images
     from fedmed.data.synth import (
         default_preprocessing_section,
         default_scanners,
@@ -85,7 +86,7 @@ def run(quick: bool = False, modality_dropout: float = MODALITY_DROPOUT) -> list
     extra = [c["case_id"] for c in synth if str(c["case_id"]).startswith("central-")]
     scanner = next(s for s in default_scanners(len(cfg.sites)) if s.name == SITE)
     full_scanner = dataclasses.replace(scanner, modalities=tuple(cfg.modalities))
-    settings = PreprocessSettings.from_config(cfg)
+    settings = plan_preprocessing(cfg)
 
     def scan(case_id: str, profile: Any) -> Any:
         subject = simulate_subject(seeds[case_id], profile, reference_spacing=None)

@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from benchmarks.common import Figure  # noqa: E402
+from benchmarks.common import Figure
 
 NAME = "gpu"
 IN_CHANNELS = 3

@@ -1,15 +1,18 @@
-"""Does TLS hide the model on the wire? Capture one round of a real federation on loopback.
+"""Does TLS hide the model on the wire? Capture one round of a real deployment on loopback.
 
-A SuperLink and two SuperNodes (``flower-superlink``/``flower-supernode`` of this venv) run
-one FedAvg round of a tiny U-Net; everything sent to or from the SuperLink's port is
-captured (``tcpdump -i lo`` when it is installed and allowed, else a transparent asyncio
-TCP proxy between the SuperNodes and the SuperLink). The captured bytes are searched for
-64-byte windows of the ``.npy`` payloads of the global weights the coordinator sends in
-round 1 (the seeded initial model, rebuilt here exactly as the ServerApp builds it).
+The deployment of docs/deploy.md (:class:`tests.support.deployment.DeployedFederation`):
+nginx on the public address in front of a TLS SuperLink with node authentication, two
+SuperNodes in process isolation with their hospitals' executors, one FedAvg round of a tiny
+U-Net. Both hops are captured: SuperNodes to the proxy (public) and proxy to the SuperLink
+(internal), with ``tcpdump -i lo`` when it is installed and allowed; else a transparent
+asyncio TCP relay in front of the proxy captures the public hop only. The captured bytes
+are searched for 64-byte windows of the ``.npy`` payloads of the global weights the
+coordinator sends in round 1 (the seeded initial model, rebuilt here exactly as the
+ServerApp builds it).
 
-Figures: matches under TLS + node authentication (target 0); matches in the same round run
-with ``--insecure`` (the positive control: it must be > 0, or the search proves nothing);
-bytes captured under TLS.
+Figures: matches under TLS behind the proxy (target 0); matches in the same round run
+with ``--insecure`` directly against a SuperLink (the positive control: it must be > 0, or
+the search proves nothing); bytes captured under TLS.
 """
 
 from __future__ import annotations
@@ -28,11 +31,10 @@ from pathlib import Path
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from benchmarks.bench_secagg import _write_federation
+from benchmarks.common import Figure
 
-from benchmarks.bench_secagg import _write_federation  # noqa: E402
-from benchmarks.common import Figure  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 NAME = "tls"
 BIN = Path(sys.executable).parent
@@ -115,102 +117,122 @@ class _Proxy:
 
 
 @contextmanager
-def _capture(port: int, tmp: Path) -> Iterator[tuple[str, int, list[bytes]]]:
-    """Yield (method, port SuperNodes connect to, holder of the captured bytes)."""
-    from fedmed.federation.deployment import ManagedProcess
+def _capture(ports: list[int], tmp: Path) -> Iterator[tuple[str, int, list[bytes]]]:
+    """Yield (method, port SuperNodes connect to, holder of the captured bytes).
+
+    ``ports[0]`` is where SuperNodes connect; tcpdump records all ``ports``, the fallback
+    relay only the first.
+    """
+    from tests.support.processes import ManagedProcess
 
     holder: list[bytes] = []
     tcpdump = shutil.which("tcpdump")
     if tcpdump:
-        pcap = tmp / f"capture-{port}.pcap"
+        pcap = tmp / "capture.pcap"
+        where = " or ".join(f"tcp port {p}" for p in ports)
         dump = ManagedProcess(
-            [tcpdump, "-i", "lo", "-s", "0", "-U", "-w", str(pcap), "tcp", "port", str(port)],
-            log_path=tmp / f"tcpdump-{port}.log", stop_timeout=5,
+            [tcpdump, "-i", "lo", "-s", "0", "-U", "-w", str(pcap), *where.split()],
+            log_path=tmp / "tcpdump.log", stop_timeout=5,
         )
         dump.start()
         if dump.wait_for_log(r"listening on lo", 10):
             try:
-                yield "tcpdump -i lo", port, holder
+                yield f"tcpdump -i lo, {len(ports)} ports", ports[0], holder
             finally:
                 time.sleep(0.5)
                 dump.stop()
                 holder.append(pcap.read_bytes() if pcap.exists() else b"")
             return
-        dump.stop()  # not permitted (no CAP_NET_RAW): fall back to the proxy
-    with _Proxy(port) as proxy:
+        dump.stop()  # not permitted (no CAP_NET_RAW): fall back to the relay
+    with _Proxy(ports[0]) as proxy:
         try:
-            yield "asyncio TCP proxy", proxy.port, holder
+            yield "asyncio TCP relay (public hop only)", proxy.port, holder
         finally:
             holder.append(proxy.captured())
 
 
-def _one_round(root: Path, config: Path, *, tls: bool) -> tuple[str, bytes]:
-    """One FedAvg round over a real SuperLink; (capture method, captured bytes)."""
-    from fedmed.federation.deployment import (
-        ManagedProcess,
-        flower_env,
+def _round_behind_proxy(root: Path, config: Path) -> tuple[str, bytes]:
+    """One FedAvg round through nginx + a TLS SuperLink; (capture method, captured bytes)."""
+    from fedmed.config import load_config
+    from fedmed.policy import approve_app, policy_permitting
+    from fedmed.security.approval import fab_hash
+    from tests.support.deployment import DeployedFederation, snapshot_app
+    from tests.support.nginx import ensure_nginx
+
+    tmp = root / "tls"
+    tmp.mkdir()
+    cfg = load_config(config)
+    app = snapshot_app(APP, tmp / "app")
+    deployment = DeployedFederation(
+        tmp / "deploy", {s: root / f"site-{s}" for s in SITES},
+        {s: policy_permitting(cfg, site=s) for s in SITES}, ensure_nginx(),
+    )
+    ports = [deployment.proxy_port, deployment.superlink_port]
+    with _capture(ports, tmp) as (method, node_port, holder):
+        if node_port != deployment.proxy_port:
+            deployment.fleet_address = f"127.0.0.1:{node_port}"
+        with deployment:
+            for hospital in deployment.hospitals.values():
+                approve_app(hospital.policy, fab_hash(app), "bench_tls")
+            out = tmp / "run"
+            deployment.run_app(app, {"fedmed-config": str(config), "run-dir": str(out),
+                                     "rounds": 1}, timeout=600)
+            if not (out / "summary.json").is_file():
+                raise RuntimeError(f"tls run did not finish:\n{deployment.superlink.log_tail()}")
+    return method, holder[0]
+
+
+def _insecure_round(root: Path, config: Path) -> tuple[str, bytes]:
+    """The positive control: the same round over plain HTTP, directly to a SuperLink."""
+    from tests.support.deployment import snapshot_app
+    from tests.support.flower_commands import (
         flwr_run_command,
-        free_port,
-        start_supernode_until_active,
         superlink_command,
         supernode_command,
         write_flwr_config,
     )
-    from fedmed.security.certs import create_site_keys, init_ca_and_server, registration_command
-
-    mode = "tls" if tls else "insecure"
-    tmp = root / mode
-    tmp.mkdir()
-    port = free_port()
-    certs = init_ca_and_server(tmp / "certs", "localhost", ["127.0.0.1"], 1) if tls else None
-    flwr_home = tmp / "flwr-home"
-    write_flwr_config(flwr_home, {mode: (f"127.0.0.1:{port}", certs.ca_cert if certs else None)})
-    env = flower_env(flwr_home=flwr_home, bin_dir=BIN)
-    env["OMP_NUM_THREADS"] = "1"
-    tls_args = (
-        {"ca_cert": certs.ca_cert, "server_cert": certs.server_cert,
-         "server_key": certs.server_key}
-        if certs else {"insecure": True, "node_auth": False}
+    from tests.support.processes import (
+        ManagedProcess,
+        flower_env,
+        free_port,
+        start_supernode_until_active,
     )
+
+    tmp = root / "insecure"
+    tmp.mkdir()
+    app = snapshot_app(APP, tmp / "app")
+    port = free_port()
+    write_flwr_config(tmp / "flwr-home", {"insecure": (f"127.0.0.1:{port}", None)})
+    env = flower_env(flwr_home=tmp / "flwr-home", bin_dir=BIN)
+    env["OMP_NUM_THREADS"] = "1"
     superlink = ManagedProcess(
-        superlink_command(host="127.0.0.1", port=port, executable=str(BIN / "flower-superlink"),
-                          **tls_args),
+        superlink_command(host="127.0.0.1", port=port, insecure=True, node_auth=False,
+                          executable=str(BIN / "flower-superlink")),
         log_path=tmp / "superlink.log", env=env, port=("127.0.0.1", port),
     )
     procs = [superlink]
     try:
         superlink.start()
-        with _capture(port, tmp) as (method, node_port, holder):
+        with _capture([port], tmp) as (method, node_port, holder):
             for site in SITES:
-                key = None
-                if certs:
-                    keys = create_site_keys(tmp / "keys", f"site-{site}")
-                    key = keys.private_key
-                    argv = registration_command(keys.public_key, f"site-{site}", mode)
-                    subprocess.run([str(BIN / "flwr"), *argv[1:]], env=env, cwd=APP,
-                                   check=True, capture_output=True, timeout=60)
                 node = ManagedProcess(
                     supernode_command(
                         superlink=f"127.0.0.1:{node_port}", data_dir=root / f"site-{site}",
                         state_dir=tmp / "state" / site, cache_dir=tmp / "cache" / site,
-                        site_name=site, root_cert=certs.ca_cert if certs else None,
-                        auth_key=key, insecure=not certs, port=free_port(),
-                        executable=str(BIN / "flower-supernode"),
+                        site_name=site, insecure=True, port=free_port(),
+                        isolation="subprocess", executable=str(BIN / "flower-supernode"),
                     ),
                     log_path=tmp / f"node-{site}.log", env=env,
                 )
                 procs.append(node)
                 start_supernode_until_active(node, timeout=60)
             out = tmp / "run"
-            argv = flwr_run_command(".", mode, {"fedmed-config": str(config),
-                                                "run-dir": str(out), "rounds": 1}, stream=False)
-            subprocess.run([str(BIN / "flwr"), *argv[1:]], env=env, cwd=APP, check=True,
-                           capture_output=True, timeout=120)
-            deadline = time.monotonic() + 300
-            while not (out / "summary.json").is_file() and time.monotonic() < deadline:
-                time.sleep(0.5)
+            argv = flwr_run_command(app, "insecure", {"fedmed-config": str(config),
+                                                      "run-dir": str(out), "rounds": 1})
+            subprocess.run([str(BIN / "flwr"), *argv[1:]], env=env, cwd=app, check=True,
+                           capture_output=True, timeout=600)
             if not (out / "summary.json").is_file():
-                raise RuntimeError(f"{mode} run did not finish:\n{superlink.log_tail()}")
+                raise RuntimeError(f"insecure run did not finish:\n{superlink.log_tail()}")
         return method, holder[0]
     finally:
         for proc in reversed(procs):
@@ -232,15 +254,14 @@ def run(quick: bool = False) -> list[Figure]:
         windows = _weight_windows(config)
         captured: dict[str, bytes] = {}
         methods: dict[str, str] = {}
-        for tls in (True, False):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the --insecure warning is expected here
-                method, data = _one_round(root, config, tls=tls)
-            captured["tls" if tls else "insecure"] = data
-            methods["tls" if tls else "insecure"] = method
+        methods["tls"], captured["tls"] = _round_behind_proxy(root, config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the --insecure warning is expected here
+            methods["insecure"], captured["insecure"] = _insecure_round(root, config)
     hits = {k: sum(v.count(w) for w in windows) for k, v in captured.items()}
     detail = (
-        f"one FedAvg round, 2 SuperNodes, U-Net (4, 8, 16); {len(windows)} windows of "
+        f"one FedAvg round behind the nginx proxy (TLS to the proxy and from it to the "
+        f"SuperLink), 2 SuperNodes with executors, U-Net (4, 8, 16); {len(windows)} windows of "
         f"{WINDOW} bytes from the .npy payloads of the round-1 global weights; capture: "
         f"{methods['tls']}"
     )
@@ -250,10 +271,12 @@ def run(quick: bool = False) -> list[Figure]:
                hits["tls"] == 0, detail, extra),
         Figure(NAME, "weight_windows_seen_insecure_control", hits["insecure"], "matches",
                "> 0 (positive control)", hits["insecure"] > 0,
-               f"same round with --insecure (plain HTTP); {len(captured['insecure']):,} bytes",
+               f"same round with --insecure (plain HTTP, no proxy); "
+               f"{len(captured['insecure']):,} bytes",
                extra),
         Figure(NAME, "bytes_captured_under_tls", len(captured["tls"]), "bytes", "> 0",
-               len(captured["tls"]) > 0, "everything to/from the SuperLink port", extra),
+               len(captured["tls"]) > 0,
+               "everything to/from the proxy's and the SuperLink's ports", extra),
     ]
 
 

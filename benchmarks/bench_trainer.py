@@ -23,14 +23,10 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from benchmarks import _fixtures as fx  # noqa: E402
-from benchmarks.common import Figure  # noqa: E402
+from benchmarks import _fixtures as fx
+from benchmarks.common import Figure
 
 NAME = "trainer"
 

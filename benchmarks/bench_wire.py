@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import shutil
 import sys
-from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from benchmarks import _fixtures as fx  # noqa: E402
-from benchmarks.common import Figure  # noqa: E402
+from benchmarks import _fixtures as fx
+from benchmarks.common import Figure
 
 NAME = "wire"
 
@@ -50,27 +46,20 @@ def serialized_bytes(content: Any) -> int:
 
 def _messages(cfg: Any, weights: dict[str, Any]) -> tuple[Any, Any]:
     """The train instruction and a site's reply of one round, rebuilt with real content."""
-    import json
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-    import numpy as np
-    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+    from fedmed.federation import protocol as proto
 
-    from fedmed.federation import site as proto
-
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in weights.items()}
-    record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    # What Coordinator._config puts in every train message, plus Flower's round number.
-    config = ConfigRecord({
-        proto.CFG_KEY: json.dumps(cfg.model_dump(mode="json")),
-        proto.TOTAL_ROUNDS_KEY: cfg.federation.rounds,
-        proto.LOCAL_EPOCHS_KEY: cfg.federation.local_epochs,
-        proto.STRATEGY_KEY: cfg.federation.strategy,
-        proto.RUN_NAME_KEY: "fedmed-bench-wire",
-        proto.ROUND_KEY: 1,
-    })
-    sent = RecordDict({"arrays": record, "config": config})
+    # What the coordinator puts in every train message, plus Flower's round number.
+    config = proto.request_config(
+        cfg, total_rounds=cfg.federation.rounds,
+        local_epochs=cfg.federation.local_epochs, strategy=cfg.federation.strategy,
+        run_name="fedmed-bench-wire",
+    )
+    config[proto.ROUND_KEY] = 1
+    sent = RecordDict({proto.ARRAYS_KEY: proto.to_record(weights), proto.CONFIG_KEY: config})
     reply = RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        proto.ARRAYS_KEY: proto.to_record(weights),
         proto.METRICS_KEY: MetricRecord({"num-examples": 2, "train-loss": 1.0, "seconds": 1.0}),
         proto.INFO_KEY: ConfigRecord({"site": cfg.site_names[0], "compression-kind": "none",
                                       "compression-deltas": False}),
@@ -94,7 +83,7 @@ def run(quick: bool = False) -> list[Figure]:
     try:
         run_federated(cfg, out, force=True)
         lines = fx.metrics_lines(out)
-        weights = torch.load(out / "model.pt", map_location="cpu", weights_only=False)["weights"]
+        weights = torch.load(out / "model.pt", map_location="cpu", weights_only=True)["weights"]
     finally:
         shutil.rmtree(out, ignore_errors=True)
     state = {k: v.numpy() for k, v in weights.items()}

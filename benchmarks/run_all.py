@@ -14,10 +14,9 @@ import time
 import traceback
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from benchmarks.common import Figure, machine
 
-from benchmarks.common import Figure, machine  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 
 def _load(path: Path):  # type: ignore[no-untyped-def]

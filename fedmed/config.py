@@ -22,6 +22,7 @@ Example (``fedmed data synth`` writes a complete one)::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -34,7 +35,13 @@ from fedmed.errors import ConfigError
 Triple = tuple[float, float, float]
 IntTriple = tuple[int, int, int]
 PositiveInt = Annotated[int, Field(gt=0)]
+STATE_DIR_NAME = ".fedmed-state"
+"""A simulated site's default state folder, inside its data folder."""
 PositiveFloat = Annotated[float, Field(gt=0)]
+StrategyName = Literal[
+    "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "fedbn"
+]
+Architecture = Literal["unet", "fusion"]
 
 
 class _Frozen(BaseModel):
@@ -50,6 +57,12 @@ class SiteConfig(_Frozen):
     path: Path
     privacy: PrivacySiteOverride | None = None
     """Per-site DP overrides (e.g. a stricter ``max_epsilon``)."""
+    policy: Path | None = None
+    """Simulation: the site policy this simulated site enforces (``site-policy.yaml``);
+    ``None``: a policy that permits this config's own settings."""
+    state_dir: Path | None = None
+    """Simulation: the site's state folder (split, privacy ledger, per-run state), kept
+    across runs like a hospital's; default ``<path>/.fedmed-state``."""
 
 
 class NormalizationConfig(_Frozen):
@@ -108,7 +121,7 @@ class PreprocessingConfig(_Frozen):
 class ModelConfig(_Frozen):
     """Network architecture (see :mod:`fedmed.models`)."""
 
-    architecture: Literal["unet", "fusion"] = "unet"
+    architecture: Architecture = "unet"
     """``unet``: early fusion (modalities as channels); ``fusion``: one encoder per modality."""
     channels: tuple[PositiveInt, ...] = (16, 32, 64, 128)
     strides: tuple[PositiveInt, ...] | None = None
@@ -194,9 +207,7 @@ class ClientResources(_Frozen):
 class FederationSettings(_Frozen):
     """Flower strategy and rounds."""
 
-    strategy: Literal[
-        "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "fedbn"
-    ] = "fedavg"
+    strategy: StrategyName = "fedavg"
     rounds: PositiveInt = 10
     local_epochs: PositiveInt = 2
     """Passes over a site's own training cases per round."""
@@ -221,6 +232,18 @@ class FederationSettings(_Frozen):
     client_resources: ClientResources = Field(default_factory=ClientResources)
     max_parallel_sites: PositiveInt | None = None
     """Simulation: at most this many sites train at once (bounded pool); default: cores."""
+    personalization: Literal["none", "finetune", "ditto"] = "none"
+    """A model of each site's own besides the global one: ``finetune`` (the final global
+    model fine-tuned on the site's training cases after the last round), ``ditto`` (a
+    personal model trained every round, pulled towards the global one; Li et al. 2021) or
+    ``none``. Each site scores both on its own test cases in a final round
+    (:mod:`fedmed.federation.personal`)."""
+    personalization_epochs: PositiveInt = 4
+    """``finetune``: local epochs of fine-tuning (within a site policy's
+    ``max_local_epochs``)."""
+    ditto_lambda: PositiveFloat = 0.1
+    """``ditto``: weight of the pull ``lambda/2 ||v - w||^2`` of a site's personal model ``v``
+    towards the round's global model ``w``."""
 
 
 class PrivacySiteOverride(_Frozen):
@@ -231,7 +254,7 @@ class PrivacySiteOverride(_Frozen):
 
 
 class PrivacyConfig(_Frozen):
-    """Patient-level DP-SGD (Opacus) and optional client-level DP (Flower)."""
+    """Patient-level DP-SGD (Opacus); the privacy unit is the patient."""
 
     enabled: bool = False
     noise_multiplier: PositiveFloat | None = None
@@ -249,9 +272,6 @@ class PrivacyConfig(_Frozen):
     """Decay of an exponential moving average of the weights over a site's DP steps; the
     site sends the average instead of the last iterate (0: off). Post-processing of released
     noisy steps, so it costs no privacy; it smooths the noise's random walk."""
-    client_level: Literal["none", "server_fixed", "client_fixed"] = "none"
-    client_noise_multiplier: PositiveFloat = 1.0
-    client_clipping_norm: PositiveFloat = 10.0
 
     @model_validator(mode="after")
     def _sigma_or_target(self) -> PrivacyConfig:
@@ -279,6 +299,41 @@ class CompressionConfig(_Frozen):
     """Send the difference to the global weights (int8 always sends deltas)."""
 
 
+class TrackingConfig(_Frozen):
+    """Run tracking on the coordinator's / researcher's machine (:mod:`fedmed.export.tracking`).
+
+    Never sent to the sites (``tracking`` is stripped from requests, like the paths).
+    """
+
+    tensorboard: bool = True
+    """TensorBoard event files in ``RUN/tb/`` (needs ``fedmed[tracking]``)."""
+    mlflow: bool = False
+    """Log the same to MLflow (needs ``fedmed[tracking]``)."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI: a server (``http://host:5000``) or a store
+    (``sqlite:///path/mlflow.db``); ``None``: ``RUN/mlruns/mlflow.db``, no server."""
+    mlflow_experiment: str | None = None
+    """MLflow experiment; ``None``: the config's ``name``."""
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$", value.strip()):
+            raise ValueError(
+                f"tracking.mlflow_uri {value!r} is not a URI; give a tracking server "
+                "(http://host:5000) or a store (sqlite:////abs/path/mlflow.db), or leave it "
+                "unset for RUN/mlruns/mlflow.db"
+            )
+        return None if value is None else value.strip()
+
+    @field_validator("mlflow_experiment")
+    @classmethod
+    def _experiment(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("tracking.mlflow_experiment is empty; give a name or leave it unset")
+        return value
+
+
 class FederationConfig(_Frozen):
     """The whole federation: data, preprocessing, model, training, federation, privacy."""
 
@@ -297,6 +352,7 @@ class FederationConfig(_Frozen):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
@@ -351,6 +407,11 @@ class FederationConfig(_Frozen):
         """Absolute data folder of site ``name``."""
         return self.resolve(self.site(name).path)
 
+    def site_state_dir(self, name: str) -> Path:
+        """Absolute state folder of site ``name`` (simulation; deployment: node config)."""
+        given = self.site(name).state_dir
+        return self.resolve(given) if given is not None else self.site_dir(name) / STATE_DIR_NAME
+
     def privacy_for(self, name: str) -> PrivacyConfig:
         """The privacy settings of site ``name`` with its overrides applied."""
         override = self.site(name).privacy
@@ -378,15 +439,22 @@ class FederationConfig(_Frozen):
 SiteConfig.model_rebuild()
 
 
+def validation_lines(exc: ValidationError) -> str:
+    """One line per problem of a pydantic error: the dotted key, what is wrong, what came."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r:.80})")
+    return "\n".join(lines)
+
+
 def _validate(data: Mapping[str, Any], source: str) -> FederationConfig:
     try:
         return FederationConfig.model_validate(dict(data))
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r:.80})")
-        raise ConfigError(f"invalid federation config {source}:\n" + "\n".join(lines)) from None
+        raise ConfigError(
+            f"invalid federation config {source}:\n{validation_lines(exc)}"
+        ) from None
 
 
 def load_config(path: str | Path) -> FederationConfig:

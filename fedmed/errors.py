@@ -17,7 +17,18 @@ class ConfigError(FedMedError):
 
 
 class ImageReadError(FedMedError):
-    """An image file or DICOM folder cannot be read as a 3D/4D image."""
+    """An image file or DICOM folder cannot be read as a 3D/4D image, or is refused.
+
+    Args:
+        message: names the file, what was expected, what arrived and how to fix it.
+        kind: why, for callers that classify (``fedmed data check``): one of
+            :data:`fedmed.data.read_rules.ReadFailure` (``"corrupt"``, ``"too_large"``,
+            ``"non_finite"``, ``"bad_affine"``, ...).
+    """
+
+    def __init__(self, message: str, kind: str = "corrupt") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class ImageWriteError(FedMedError):
@@ -44,6 +55,10 @@ class CheckpointError(FedMedError):
     """A model or run checkpoint is missing, corrupt or incompatible."""
 
 
+class ExportError(FedMedError):
+    """A run cannot be exported (MONAI Bundle, DICOM SEG) or an export fails validation."""
+
+
 class FederationError(FedMedError):
     """The federation cannot run (sites, strategy, run directory, resume)."""
 
@@ -58,3 +73,24 @@ class PrivacyBudgetExhausted(PrivacyError):
 
 class SecurityError(FedMedError):
     """Certificates or keys cannot be created or read."""
+
+
+class PolicyError(FedMedError):
+    """A site policy is missing, malformed, or cannot be updated."""
+
+
+class RequestRefused(FedMedError):
+    """A site refuses a coordinator's request.
+
+    Only :attr:`code` (a :class:`fedmed.policy.ReasonCode` value) and its fixed sentence
+    leave the site; the message (which may name files or values) stays in the site's log.
+
+    Args:
+        code: the reason code, e.g. ``"dp-required"``.
+        detail: what exactly was refused, for the site's own log.
+    """
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"refused ({code}): {detail}")
+        self.code = code
+        self.detail = detail

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -19,22 +18,9 @@ BENCHMARKS = ("bench_scale", "bench_compression", "bench_wire", "bench_trainer",
 
 
 def _load(name: str) -> ModuleType:
-    # Some installed distribution ships a top-level ``benchmarks`` package into
-    # site-packages; the repository's must win, as it does for ``python benchmarks/...``.
-    if str(ROOT) in sys.path:
-        sys.path.remove(str(ROOT))
-    sys.path.insert(0, str(ROOT))
-    ours = ROOT / "benchmarks" / "__init__.py"
-    pkg = sys.modules.get("benchmarks")
-    if pkg is not None and Path(getattr(pkg, "__file__", "") or "").resolve() != ours:
-        for key in [k for k in sys.modules if k == "benchmarks" or k.startswith("benchmarks.")]:
-            del sys.modules[key]
-    spec = importlib.util.spec_from_file_location(f"benchmarks.{name}", ROOT / "benchmarks"
-                                                  / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    # pytest puts the repository root first on sys.path (pyproject: pythonpath), so this is
+    # the repository's ``benchmarks`` package, not another distribution's of the same name.
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 EXPECTED = {

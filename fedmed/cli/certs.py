@@ -1,4 +1,4 @@
-"""`fedmed certs ...` commands: TLS certificates, site keys and app-trust keys."""
+"""`fedmed certs ...` commands: TLS certificates and site keys."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def init(
         help="Extra subjectAltName (DNS name or IP), repeatable. Add 127.0.0.1 when the "
         "SuperLink runs the ServerApp in a subprocess (the default).",
     ),
-    days: int = typer.Option(365, "--days", help="Validity in days."),
+    days: int = typer.Option(365, "--days", min=1, max=36500, help="Validity in days."),
     force: bool = typer.Option(False, "--force", help="Replace existing files."),
 ) -> None:
     """Create the federation CA and the coordinator's (SuperLink's) TLS certificate."""
@@ -64,7 +64,7 @@ def site(
     console = Console()
     console.print(f"private key  {paths.private_key}  (0600; stays at the site)")
     console.print(f"public key   {paths.public_key}  (send to the coordinator)")
-    console.print("The coordinator registers it with (Flower 1.41, Control API):")
+    console.print("The coordinator registers it on its own host (Flower 1.42, Control API):")
     console.print(
         "  " + shlex.join(registration_command(paths.public_key, name, connection)),
         highlight=False,
@@ -75,45 +75,3 @@ def site(
         highlight=False,
         soft_wrap=True,
     )
-
-
-@app.command("publisher")
-def publisher(
-    name: str = typer.Option(..., "--name", help="Reviewer/publisher name."),
-    out: Path = typer.Option(..., "--out", help="Directory for NAME and NAME.pub."),
-    force: bool = typer.Option(False, "--force", help="Replace existing files."),
-) -> None:
-    """Create an Ed25519 key pair for approving (signing) app versions with `flwr app review`."""
-    from fedmed.security.certs import create_publisher_keys
-
-    paths = create_publisher_keys(out, name, force=force)
-    console = Console()
-    console.print(f"signing key  {paths.private_key}  (0600; give its path to `flwr app review`)")
-    console.print(f"public key   {paths.public_key}  (sites list it in --trusted-entities)")
-
-
-@app.command("trust")
-def trust(
-    key_id: list[str] = typer.Option(
-        ..., "--id", help="public_key_id shown by Flower Hub for the key (repeat with --key)."
-    ),
-    key: list[Path] = typer.Option(..., "--key", help="ssh-ed25519 public key file, repeatable."),
-    out: Path = typer.Option(..., "--out", help="trusted-entities YAML file to write."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
-) -> None:
-    """Write the `flower-supernode --trusted-entities` YAML file from reviewers' public keys."""
-    from fedmed.errors import SecurityError
-    from fedmed.security.certs import write_trusted_entities
-
-    if len(key_id) != len(key):
-        raise SecurityError(
-            f"--id/--key: expected one --id per --key, got {len(key_id)} ids and {len(key)} keys"
-        )
-    entities: dict[str, str] = {}
-    for one_id, key_path in zip(key_id, key, strict=True):
-        try:
-            entities[one_id] = key_path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise SecurityError(f"--key {key_path}: cannot read it ({exc.strerror})") from exc
-    path = write_trusted_entities(out, entities, force=force)
-    Console().print(f"trusted entities  {path}  (flower-supernode --trusted-entities {path})")

@@ -13,6 +13,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from fedmed.cli.tracking_opts import MlflowUriOpt, TrackingOpt, apply_tracking
+
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
@@ -28,6 +30,11 @@ def round_printer(console: Console, rounds: int) -> Any:
             extra += f"  [red]failed: {', '.join(line['sites_failed'])}[/]"
         if line.get("sites_skipped"):
             extra += f"  [yellow]skipped: {', '.join(line['sites_skipped'])}[/]"
+        if line.get("sites_refused"):
+            refused = ", ".join(f"{s} ({c})" for s, c in line["sites_refused"].items())
+            extra += f"  [yellow]refused: {refused}[/]"
+        if line.get("sites_rejected"):
+            extra += f"  [red]rejected: {', '.join(line['sites_rejected'])}[/]"
         console.print(
             f"round {line['round']:>3}/{rounds}  central Dice {_fmt(line.get('central_dice'))}"
             f"  sites Dice {_fmt(line.get('federated_dice'))}"
@@ -59,17 +66,20 @@ def register(app: typer.Typer) -> None:
             help="Attach to a running Ray cluster (HOST:PORT of 'ray start --head', or "
             "'auto') instead of starting Ray on this machine; see docs/scaling.md.",
         ),
+        tracking: str | None = TrackingOpt,
+        mlflow_uri: str | None = MlflowUriOpt,
     ) -> None:
         """Run the whole federation in Flower's simulation engine (Ray).
 
         On this machine, or on a running Ray cluster with --ray-address.
         """
         from fedmed.config import load_config
-        from fedmed.federation.coordinator import apply_overrides
+        from fedmed.federation.server_app import apply_overrides
         from fedmed.federation.simulation import run_federated
 
         console = Console()
         cfg = apply_overrides(load_config(config), strategy=strategy, rounds=rounds)
+        cfg = apply_tracking(cfg, tracking, mlflow_uri)
         fed = cfg.federation
         where = f" on Ray cluster {ray_address}" if ray_address else ""
         console.print(
@@ -77,6 +87,9 @@ def register(app: typer.Typer) -> None:
             f"{fed.rounds} rounds x {fed.local_epochs} local epochs{where} -> {out}",
             highlight=False,
         )
+        from fedmed.evaluation.dp_outlook import dp_outlook, print_outlook
+
+        print_outlook(dp_outlook(cfg, fed.rounds * fed.local_epochs), console)
         summary = run_federated(
             cfg, out, resume=resume, force=force,
             on_round=round_printer(console, fed.rounds), verbose=verbose,

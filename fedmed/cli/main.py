@@ -12,8 +12,20 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from fedmed.cli import certs, compare_cmd, data, federation, privacy, train
+from fedmed.cli import (
+    certs,
+    compare_cmd,
+    data,
+    export_cmd,
+    federation,
+    predict_cmd,
+    privacy,
+    proxy_cmd,
+    site_cmd,
+    train,
+)
 from fedmed.errors import FedMedError
 
 app = typer.Typer(
@@ -26,7 +38,11 @@ app = typer.Typer(
 app.add_typer(data.app, name="data", help="Generate, check and preprocess site datasets.")
 app.add_typer(certs.app, name="certs", help="Certificates and site keys for deployment.")
 app.add_typer(privacy.app, name="privacy", help="Differential-privacy ledger.")
+app.add_typer(export_cmd.app, name="export", help="Export a run's model (MONAI Bundle).")
+app.add_typer(site_cmd.app, name="site", help="What this hospital approves; its executor.")
+app.add_typer(proxy_cmd.app, name="proxy", help="The coordinator's public reverse proxy.")
 train.register(app)
+predict_cmd.register(app)
 federation.register(app)
 compare_cmd.register(app)
 
@@ -38,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         # With standalone_mode=False click returns typer.Exit's code instead of raising it.
         rv = app(args=argv, standalone_mode=False)
     except FedMedError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: a message's "[...]" (a path, a list) is text, not rich markup
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 1
     except typer.Exit as exc:
         return int(exc.exit_code or 0)

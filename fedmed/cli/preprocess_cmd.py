@@ -28,15 +28,17 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Preprocess every case of a site into the on-disk cache (RAS, spacing, normalised)."""
         from rich.console import Console
+        from rich.markup import escape
 
         from fedmed.config import load_config
+        from fedmed.data.cache import preprocess_site
         from fedmed.data.formats import load_site
-        from fedmed.data.preprocess import preprocess_site, settings_for
+        from fedmed.data.planning import plan_preprocessing
         from fedmed.errors import PreprocessingError
 
         console = Console()
         cfg = load_config(config)
-        settings = settings_for(cfg)
+        settings = plan_preprocessing(cfg)
         manifest = load_site(site_dir, expected_modalities=cfg.modalities, name=site)
         if cfg.preprocessing.target_spacing is None:
             console.print(
@@ -62,7 +64,8 @@ def register(app: typer.Typer) -> None:
         console.print(f"  time: {summary.seconds:.1f} s")
         if summary.failed:
             for case_id, message in summary.failed:
-                console.print(f"  [red]failed[/] {case_id}: {message}", highlight=False)
+                console.print(f"  [red]failed[/] {escape(case_id)}: {escape(message)}",
+                              highlight=False)
             raise PreprocessingError(
                 f"{len(summary.failed)} of {summary.cases} cases of {summary.site} could not be "
                 "preprocessed (listed above); run `fedmed data check` on the site and fix or "

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from fedmed.cli.params import FiniteFloatRange
+
 
 def register(app: typer.Typer) -> None:
     """Add `synth` to the `fedmed data` app."""
@@ -27,12 +29,17 @@ def synth(
     unseen_cases: int = typer.Option(
         6, "--unseen-cases", min=0, help="Cases of an unseen scanner (unseen-scanner/)."
     ),
-    seed: int = typer.Option(0, "--seed", help="Same seed and options: byte-identical files."),
+    seed: int = typer.Option(
+        0, "--seed", min=0, help="Same seed and options: byte-identical files."
+    ),
     force: bool = typer.Option(
         False, "--force", help="Replace --out if it holds an earlier synthetic federation."
     ),
     scale: float = typer.Option(
-        1.0, "--scale", min=0.25, max=10.0, help="Voxel-size multiplier (>1: smaller volumes)."
+        1.0,
+        "--scale",
+        click_type=FiniteFloatRange(min=0.25, max=10.0),
+        help="Voxel-size multiplier (>1: smaller volumes).",
     ),
     workers: int = typer.Option(
         1, "--workers", min=1, help="Processes generating cases (the output does not change)."

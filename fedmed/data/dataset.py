@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -11,13 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fedmed.data.cache import CaseCache, default_cache_dir
 from fedmed.data.formats import Case, SiteManifest, load_site
-from fedmed.data.preprocess import (
-    CaseCache,
-    PreprocessedCase,
-    default_cache_dir,
-    settings_for,
-)
+from fedmed.data.planning import plan_preprocessing
+from fedmed.data.preprocess import PreprocessedCase
 from fedmed.data.transforms import (
     augment,
     build_augmentation,
@@ -28,6 +27,7 @@ from fedmed.data.transforms import (
     sample_center,
 )
 from fedmed.errors import PreprocessingError, TrainingError
+from fedmed.policy import DataPolicy, site_policy_for
 
 if TYPE_CHECKING:
     from fedmed.config import FederationConfig, PreprocessingConfig
@@ -46,6 +46,11 @@ def split_cases(
     The ids are sorted first, so the split depends only on the set of ids and the seed.
     With at least 3 cases, every split whose fraction is positive gets at least one case
     and train always keeps at least one.
+
+    Hand-written rather than ``monai.data.partition_dataset(ratios=...)``: MONAI rounds each
+    ratio on its own, so small sites get empty splits (3 cases at 0.7 / 0.15 / 0.15 give
+    2 / 0 / 0), and its shuffle (``RandomState``) would move every existing site's cases to
+    other splits.
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...]}`` (each sorted).
@@ -86,12 +91,108 @@ def _labelled(manifest: SiteManifest) -> list[Case]:
     return out
 
 
+SPLIT_FILE = "split.json"
+
+
+def fixed_split(
+    state_dir: Path, case_ids: Sequence[str], val_fraction: float, test_fraction: float,
+    seed: int,
+) -> dict[str, list[str]]:
+    """The site's split, drawn once and then kept in ``<state_dir>/split.json``.
+
+    The first call draws it with :func:`split_cases`; later calls reuse it whatever the
+    fractions they pass, so nobody (a coordinator least of all) can re-split the site to
+    move chosen patients into an evaluated split. Cases that appear later are split among
+    themselves with the same settings and added; cases that disappeared are dropped.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}`` (each sorted).
+    """
+    path = Path(state_dir) / SPLIT_FILE
+    stored: dict[str, str] = {}
+    if path.is_file():
+        try:
+            stored = {str(k): str(v) for k, v in json.loads(path.read_text())["cases"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("%s is unreadable; the split is drawn again", path)
+            stored = {}
+    ids = sorted(set(case_ids))
+    new = [c for c in ids if c not in stored]
+    if new:
+        for part, members in split_cases(new, val_fraction, test_fraction, seed).items():
+            stored.update(dict.fromkeys(members, part))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{SPLIT_FILE}.tmp")
+        tmp.write_text(json.dumps({
+            "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
+            "cases": dict(sorted(stored.items())),
+        }, indent=1))
+        tmp.replace(path)
+    out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for c in ids:
+        out[stored[c]].append(c)
+    return out
+
+
+def site_case_ids(cfg: FederationConfig, site_name: str, data_dir: str | Path | None = None
+                  ) -> list[str]:
+    """The ids of a site's labelled cases, from its manifest alone (no voxel is read)."""
+    root = Path(data_dir) if data_dir is not None else cfg.site_dir(site_name)
+    manifest = load_site(root, expected_modalities=cfg.modalities, name=site_name)
+    return [c.case_id for c in _labelled(manifest)]
+
+
+@dataclass(frozen=True)
+class SiteSplit:
+    """Where a site's split is kept and how it is drawn the first time.
+
+    Attributes:
+        state_dir: the site's state folder (``split.json``).
+        settings: the site's own split settings (its policy's ``data`` section).
+    """
+
+    state_dir: Path
+    settings: DataPolicy
+
+    def ids(self, case_ids: Sequence[str]) -> dict[str, list[str]]:
+        """The fixed split of ``case_ids`` (see :func:`fixed_split`)."""
+        d = self.settings
+        return fixed_split(self.state_dir, case_ids, d.val_fraction, d.test_fraction,
+                           d.split_seed)
+
+    @classmethod
+    def simulated(cls, cfg: FederationConfig, site_name: str) -> SiteSplit:
+        """A simulated site's split: its state folder and policy from the config."""
+        return cls(cfg.site_state_dir(site_name), site_policy_for(cfg, site_name).data)
+
+
+def site_split_ids(
+    cfg: FederationConfig, site_name: str, *, data_dir: str | Path | None = None,
+    fixed: SiteSplit | None = None,
+) -> dict[str, list[str]]:
+    """A site's train / val / test case ids (no voxel is read).
+
+    With ``fixed`` the split is the site's fixed one; without, it is drawn afresh from the
+    config's ``training`` fractions and seed.
+    """
+    return _split(cfg, site_case_ids(cfg, site_name, data_dir), fixed)
+
+
+def _split(cfg: FederationConfig, ids: Sequence[str], fixed: SiteSplit | None
+           ) -> dict[str, list[str]]:
+    if fixed is not None:
+        return fixed.ids(ids)
+    tr = cfg.training
+    return split_cases(ids, tr.val_fraction, tr.test_fraction, tr.seed)
+
+
 def load_site_cases(
     cfg: FederationConfig,
     site_name: str,
     split: Split,
     cache_dir: str | Path | None = None,
     data_dir: str | Path | None = None,
+    fixed: SiteSplit | None = None,
 ) -> list[PreprocessedCase]:
     """A site's labelled cases of one split, preprocessed through the cache.
 
@@ -102,6 +203,8 @@ def load_site_cases(
         cache_dir: default: the config's ``preprocessing.cache_dir``, else
             ``<site>/.fedmed-cache``.
         data_dir: the site's folder; overrides ``cfg.site_dir(site_name)`` (deployment).
+        fixed: the site's fixed split (:class:`SiteSplit`); ``None``: drawn afresh from the
+            config's ``training`` fractions and seed.
 
     Raises:
         ConfigError: unknown site, or no target spacing and no fingerprints.
@@ -114,14 +217,9 @@ def load_site_cases(
     manifest = load_site(root, expected_modalities=cfg.modalities, name=site_name)
     cases = _labelled(manifest)
     if split != "all":
-        tr = cfg.training
-        chosen = set(
-            split_cases([c.case_id for c in cases], tr.val_fraction, tr.test_fraction, tr.seed)[
-                split
-            ]
-        )
+        chosen = set(_split(cfg, [c.case_id for c in cases], fixed)[split])
         cases = [c for c in cases if c.case_id in chosen]
-    settings = settings_for(cfg)
+    settings = plan_preprocessing(cfg)
     cache = CaseCache(default_cache_dir(manifest.root, settings, cache_dir), settings)
     return [cache.get(c) for c in cases]
 
@@ -138,7 +236,7 @@ def load_test_cases(
     """
     root = cfg.resolve(Path(path))
     manifest = load_site(root, expected_modalities=cfg.modalities)
-    settings = settings_for(cfg)
+    settings = plan_preprocessing(cfg)
     cache = CaseCache(default_cache_dir(manifest.root, settings, cache_dir), settings)
     return [cache.get(c) for c in _labelled(manifest)]
 

@@ -13,7 +13,10 @@ Three layouts are understood:
 
 Loading never stops at a bad case: manifest problems (missing files, duplicate case ids,
 paths that escape the site folder) are collected in :attr:`SiteManifest.problems` for
-``fedmed data check`` to report; only an unrecognisable folder raises.
+``fedmed data check`` to report; only an unrecognisable folder raises. Every layout applies
+one containment rule (:func:`_inside`): a case file, after resolving symbolic links and
+``..``, must lie inside the site folder; one that does not is left out of its case (never
+read) and recorded as a ``path_escapes_site`` problem naming the file.
 """
 
 from __future__ import annotations
@@ -217,21 +220,37 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _inside(root: Path, rel: str, case_id: str, problems: list[ManifestProblem]) -> Path | None:
-    """``rel`` resolved under ``root``, or ``None`` (with a problem) if it escapes the site."""
-    p = (root / rel).resolve()
-    if not p.is_relative_to(root):
-        problems.append(
-            ManifestProblem(
-                case_id,
-                rel,
-                f"path {rel!r} points outside the site folder {root}; manifests may only name "
-                "files inside the site",
-                "path_escapes_site",
-            )
+def _inside(
+    root: Path, path: str | Path, case_id: str, problems: list[ManifestProblem]
+) -> Path | None:
+    """The containment rule of every layout: a case file must lie inside the site folder.
+
+    Args:
+        root: the site folder (resolved).
+        path: the file as the layout names it: relative to ``root`` (a manifest entry) or
+            a path found under ``root`` (possibly a symbolic link).
+        case_id: the case it belongs to (for the problem).
+        problems: where a refusal is recorded.
+
+    Returns:
+        The file with every symbolic link and ``..`` resolved, which is what is read from
+        then on; ``None`` (and a ``path_escapes_site`` problem naming the file) when that
+        lies outside ``root``, so that no reader ever opens it.
+    """
+    resolved = (root / path).resolve()
+    if resolved.is_relative_to(root):
+        return resolved
+    problems.append(
+        ManifestProblem(
+            case_id,
+            str(path),
+            f"{str(path)!r} resolves to {resolved}, outside the site folder {root}; a site may "
+            "only use files inside its folder: copy the file into the site (a symbolic link "
+            "or a manifest path that leaves the site is refused)",
+            "path_escapes_site",
         )
-        return None
-    return p
+    )
+    return None
 
 
 def _int_labels(raw: Mapping[str, Any], source: Path, name_to_value: bool) -> dict[int, str]:
@@ -340,7 +359,10 @@ def _load_nnunet(root: Path) -> Loaded:
                     ManifestProblem(case_id, str(f), f"channel {c} not in channel_names")
                 )
                 continue
-            by_case.setdefault(case_id, {})[modalities[c]] = ModalityFile(f)
+            inside = _inside(root, f, case_id, problems)
+            images = by_case.setdefault(case_id, {})
+            if inside is not None:
+                images[modalities[c]] = ModalityFile(inside)
     # A label without images is a case whose images are missing.
     if labels_dir.is_dir():
         for f in sorted(labels_dir.iterdir()):
@@ -348,7 +370,7 @@ def _load_nnunet(root: Path) -> Loaded:
                 by_case.setdefault(f.name[: -len(ending)], {})
     cases: list[RawCase] = []
     for case_id in sorted(by_case):
-        lab = labels_dir / f"{case_id}{ending}"
+        lab = _inside(root, labels_dir / f"{case_id}{ending}", case_id, problems)
         cases.append((case_id, by_case[case_id], lab))
     return meta.get("name"), modalities, labels, cases, problems
 
@@ -373,9 +395,10 @@ def _load_folder(root: Path) -> Loaded:
             raise DatasetFormatError(f"{site_yaml}: not valid YAML ({exc})") from None
     cases: list[RawCase] = []
     found: list[str] = []
+    problems: list[ManifestProblem] = []
     for d in _case_dirs(root):
         images: dict[str, ModalityFile] = {}
-        label = None
+        label = d / "label.nii.gz"  # named even when absent: reported as missing
         for f in sorted(d.iterdir()):
             if image_suffix(f) not in IMAGE_SUFFIXES:
                 continue
@@ -383,14 +406,16 @@ def _load_folder(root: Path) -> Loaded:
             if stem.lower() == LABEL_STEM:
                 label = f
             else:
-                images[stem] = ModalityFile(f)
                 if stem not in found:
                     found.append(stem)
-        cases.append((d.name, images, label if label is not None else d / "label.nii.gz"))
+                inside = _inside(root, f, d.name, problems)
+                if inside is not None:
+                    images[stem] = ModalityFile(inside)
+        cases.append((d.name, images, _inside(root, label, d.name, problems)))
     modalities = tuple(declared.get("modalities") or found)
     labels = (
         _int_labels(declared["labels"], site_yaml, name_to_value=False)
         if "labels" in declared
         else {}
     )
-    return declared.get("name"), modalities, labels, cases, []
+    return declared.get("name"), modalities, labels, cases, problems

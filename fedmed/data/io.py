@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from fedmed.errors import ImageReadError, ImageWriteError
+from fedmed.data.read_rules import (
+    DEFAULT_MAX_MEGAVOXELS,
+    channels_first,
+    check_affine,
+    check_finite,
+    check_header,
+    nifti_layout,
+)
+from fedmed.errors import ConfigError, ImageReadError, ImageWriteError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".mha", ".mhd")
@@ -75,60 +83,85 @@ def _is_dicom_dir(path: Path) -> bool:
     return any(p.suffix.lower() in (".dcm", "") and p.is_file() for p in path.iterdir())
 
 
-def read_image(path: str | Path) -> Image:
-    """Read an image file or DICOM series folder into the array contract.
+def read_image(path: str | Path, *, max_megavoxels: float = DEFAULT_MAX_MEGAVOXELS) -> Image:
+    """Read an image file or DICOM series folder into the array contract, safely.
+
+    Every path that reads patient images (``fedmed data check``, preprocessing, the training
+    cache, ``fedmed predict``) goes through this function, so the same rules
+    (:mod:`fedmed.data.read_rules`) apply everywhere:
+
+    1. from the header alone, before any voxel is read: a 3D volume (or 4D with channels
+       last, at most :data:`~fedmed.data.read_rules.MAX_CHANNELS` channels, no empty axis), at most
+       ``max_megavoxels`` million voxels per channel, and a finite, non-singular affine;
+       a header that claims a huge volume therefore allocates nothing;
+    2. after reading: scalar voxels (not complex or RGB) and no NaN or infinite value.
 
     Args:
         path: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``, ``.mhd`` or a DICOM series folder.
+        max_megavoxels: largest size the header may claim, in millions of voxels per
+            channel (the config's ``preprocessing.max_case_megavoxels``; at a federated site
+            the policy's ``data.max_image_megavoxels``).
 
     Returns:
         :class:`Image` with ``array`` ``(C, X, Y, Z)`` float32 and a RAS ``affine``.
 
     Raises:
-        ImageReadError: missing, unreadable, corrupt or truncated file; unsupported
-            format; an image that is not 3D or 4D (channels last on disk).
+        ImageReadError: the file is missing, unreadable, corrupt, truncated, in an
+            unsupported format, not 3D/4D, larger than the limit, has non-finite voxels or
+            a singular / non-finite affine; :attr:`ImageReadError.kind` says which
+            (:data:`fedmed.data.read_rules.ReadFailure`).
     """
     p = Path(path)
+    if not max_megavoxels > 0:
+        raise ConfigError(
+            f"read_image: max_megavoxels must be a positive number, got {max_megavoxels!r}; "
+            "set preprocessing.max_case_megavoxels (or the policy's max_image_megavoxels)"
+        )
     if not p.exists():
-        raise ImageReadError(f"{p}: file does not exist (check the path or the manifest)")
+        raise ImageReadError(
+            f"{p}: file does not exist (check the path or the manifest)", "missing"
+        )
     if p.is_dir():
-        return _read_dicom(p)
-    suffix = image_suffix(p)
-    if suffix in NIFTI_SUFFIXES:
-        return _read_nifti(p)
-    if suffix in SITK_SUFFIXES:
-        return _read_sitk(p)
-    raise ImageReadError(
-        f"{p}: unsupported image format {suffix!r}; expected one of {', '.join(IMAGE_SUFFIXES)} "
-        "or a DICOM series folder"
-    )
-
-
-def _channels_first(data: np.ndarray, p: Path) -> np.ndarray:
-    if data.ndim == 3:
-        data = data[None]
-    elif data.ndim == 4:
-        data = np.moveaxis(data, -1, 0)
-    elif data.ndim == 5 and data.shape[3] == 1:  # NIfTI vector images store (X, Y, Z, 1, C)
-        data = np.moveaxis(data[:, :, :, 0, :], -1, 0)
+        image = _read_dicom(p, max_megavoxels)
+    elif image_suffix(p) in NIFTI_SUFFIXES:
+        image = _read_nifti(p, max_megavoxels)
+    elif image_suffix(p) in SITK_SUFFIXES:
+        image = _read_sitk(p, max_megavoxels)
     else:
         raise ImageReadError(
-            f"{p}: expected a 3D image (or 4D with channels last), got shape {data.shape}; "
-            "convert it to one 3D volume per modality"
+            f"{p}: unsupported image format {image_suffix(p)!r}; expected one of "
+            f"{', '.join(IMAGE_SUFFIXES)} or a DICOM series folder",
+            "unsupported",
         )
-    return np.ascontiguousarray(data, dtype=np.float32)
+    check_finite(p, image.array)
+    return image
 
 
-def _read_nifti(p: Path) -> Image:
+# -- formats -----------------------------------------------------------------------------
+
+
+def _read_nifti(p: Path, max_megavoxels: float) -> Image:
     import nibabel as nib
 
     try:
-        img: Any = nib.load(str(p))  # a Nifti1Image / Nifti2Image for these suffixes
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises many types for corrupt/truncated files
+        img: Any = nib.load(str(p))  # the header only: nibabel reads voxels lazily
+        shape = tuple(int(s) for s in img.shape)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as exc:  # nibabel raises many types for a file that is no NIfTI
         raise ImageReadError(
-            f"{p}: cannot read NIfTI ({type(exc).__name__}: {exc}); the file is corrupt, "
-            "truncated or not a NIfTI image: re-export it from the scanner or PACS"
+            f"{p}: cannot read the NIfTI header ({type(exc).__name__}: {exc}); the file is "
+            "not a NIfTI image or is damaged: re-export it from the scanner or PACS",
+            "not_an_image",
+        ) from None
+    spatial, channels = nifti_layout(p, shape)
+    check_header(p, spatial, channels, affine, max_megavoxels)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # truncated or damaged voxel data
+        raise ImageReadError(
+            f"{p}: the header is readable but the voxel data are not ({type(exc).__name__}: "
+            f"{exc}); the file is corrupt or truncated: re-export or re-copy it",
+            "corrupt",
         ) from None
     hdr = img.header
     qform, qcode = hdr.get_qform(coded=True)
@@ -140,10 +173,11 @@ def _read_nifti(p: Path) -> Image:
         "qform": None if qform is None else np.asarray(qform),
         "sform": None if sform is None else np.asarray(sform),
     }
-    return Image(_channels_first(data, p), np.asarray(img.affine, dtype=np.float64), p, header)
+    return Image(channels_first(data, p), affine, p, header)
 
 
 def _sitk_affine(img: object) -> np.ndarray:
+    """The RAS affine of a SimpleITK image or of a file reader after its header was read."""
     direction = np.asarray(img.GetDirection(), dtype=np.float64)  # type: ignore[attr-defined]
     dim = int(round(np.sqrt(direction.size)))
     d = direction.reshape(dim, dim)[:3, :3]
@@ -159,26 +193,58 @@ def _from_sitk(img: Any, p: Path) -> Image:
     import SimpleITK as sitk
 
     arr = sitk.GetArrayFromImage(img)  # (Z, Y, X) or (Z, Y, X, C)
-    if img.GetDimension() != 3:  # type: ignore[attr-defined]
-        raise ImageReadError(
-            f"{p}: expected a 3D image, got {img.GetDimension()}D"  # type: ignore[attr-defined]
-        )
     if arr.ndim == 3:
         arr = arr.transpose(2, 1, 0)
     else:
         arr = arr.transpose(2, 1, 0, 3)
-    return Image(_channels_first(arr, p), _sitk_affine(img), p, {"format": "sitk"})
+    return Image(channels_first(arr, p), _sitk_affine(img), p, {"format": "sitk"})
 
 
-def _read_sitk(p: Path) -> Image:
+def _sitk_header(p: Path, reader: Any, max_megavoxels: float, slices: int = 1) -> None:
+    """Refuse what a SimpleITK reader's header (``ReadImageInformation``) says is bad.
+
+    Args:
+        p: the file or DICOM folder.
+        reader: an ``ImageFileReader`` whose header was read.
+        max_megavoxels: the limit per channel.
+        slices: files in the DICOM series (each with the header's slices); 1 for a file.
+    """
+    dim = int(reader.GetDimension())
+    size = tuple(int(s) for s in reader.GetSize())
+    if slices > 1 and dim == 2:
+        size, dim = (*size, 1), 3
+    if dim != 3:
+        raise ImageReadError(
+            f"{p}: expected a 3D image, got {dim}D (size {size}); convert it to one 3D "
+            "volume per modality",
+            "not_3d",
+        )
+    spatial = (size[0], size[1], size[2] * slices)
+    channels = int(reader.GetNumberOfComponents())
+    check_header(p, spatial, channels, _sitk_affine(reader), max_megavoxels)
+
+
+def _read_sitk(p: Path, max_megavoxels: float) -> Image:
     import SimpleITK as sitk
 
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
     try:
-        img = sitk.ReadImage(str(p))
+        reader.ReadImageInformation()
     except Exception as exc:
         raise ImageReadError(
-            f"{p}: cannot read image ({_sitk_reason(exc)}); the file is corrupt, "
-            "truncated or in another format than its suffix says"
+            f"{p}: cannot read the image header ({_sitk_reason(exc)}); the file is not an "
+            "image or is in another format than its suffix says",
+            "not_an_image",
+        ) from None
+    _sitk_header(p, reader, max_megavoxels)
+    try:
+        img = reader.Execute()
+    except Exception as exc:
+        raise ImageReadError(
+            f"{p}: the header is readable but the voxel data are not ({_sitk_reason(exc)}); "
+            "the file is corrupt or truncated: re-export or re-copy it",
+            "corrupt",
         ) from None
     return _from_sitk(img, p)
 
@@ -192,22 +258,44 @@ def _sitk_reason(exc: Exception) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def _read_dicom(p: Path) -> Image:
+def _read_dicom(p: Path, max_megavoxels: float) -> Image:
     import SimpleITK as sitk
 
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(p))
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
     if not series:
-        raise ImageReadError(f"{p}: folder holds no DICOM series (expected .dcm slices)")
+        raise ImageReadError(
+            f"{p}: folder holds no DICOM series (expected .dcm slices)", "not_an_image"
+        )
     if len(series) > 1:
         raise ImageReadError(
-            f"{p}: folder holds {len(series)} DICOM series; put each series in its own folder"
+            f"{p}: folder holds {len(series)} DICOM series; put each series in its own folder",
+            "not_an_image",
         )
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(p), series[0]))
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), series[0])
+    # The size is the first slice's rows x columns (x frames) times the number of files:
+    # known from one header, before any pixel data is read.
+    first = sitk.ImageFileReader()
+    first.SetFileName(files[0])
+    try:
+        first.ReadImageInformation()
+    except Exception as exc:
+        raise ImageReadError(
+            f"{p}: cannot read the DICOM header of {Path(files[0]).name} "
+            f"({_sitk_reason(exc)}); re-export the series",
+            "not_an_image",
+        ) from None
+    _sitk_header(p, first, max_megavoxels, slices=len(files))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
     try:
         img = reader.Execute()
     except Exception as exc:
-        raise ImageReadError(f"{p}: cannot read DICOM series ({exc})") from None
+        raise ImageReadError(
+            f"{p}: cannot read the DICOM series ({_sitk_reason(exc)}); re-export it",
+            "corrupt",
+        ) from None
+    # The affine of a series comes from every slice's position: check it as read.
+    check_affine(p, _sitk_affine(img))
     return _from_sitk(img, p)
 
 

@@ -268,54 +268,23 @@ def generate_federation(
         ImageWriteError: ``out`` is a file, or not empty without ``force``.
         DatasetFormatError: a written site does not load back (a bug; please report).
     """
-    for pname, val, low in (("sites", sites, 1), ("cases_per_site", cases_per_site, 1),
-                            ("test_cases", test_cases, 0), ("unseen_cases", unseen_cases, 0),
-                            ("workers", workers, 1)):
-        if val < low:
-            raise ConfigError(f"{pname} must be at least {low}, got {val}")
-    if not scale > 0:
-        raise ConfigError(f"scale must be positive, got {scale}")
+    _check_counts(sites=sites, cases_per_site=cases_per_site, test_cases=test_cases,
+                  unseen_cases=unseen_cases, workers=workers, scale=scale)
     out = Path(out)
     _prepare_out(out, force)
     profiles = list(scanners) if scanners is not None else default_scanners(sites, seed)
     profiles = [p.scaled(scale) if scale != 1.0 else p for p in profiles[:sites]]
-    tres = 1  # the 1 mm template loads faster than the 2 mm one (nilearn resamples it)
     sizes = cohort_sizes(len(profiles), cases_per_site, [p.cohort_weight for p in profiles])
-
-    jobs: list[_Job] = []
-    site_rows: list[dict[str, Any]] = []
-    for g, (prof, n) in enumerate(zip(profiles, sizes, strict=True)):
-        ids = [f"{prof.name}-{i:03d}" for i in range(n)]
-        _write_site_manifest(out / prof.name, prof.name, prof.format, prof.modalities, ids)
-        jobs += [
-            _Job(str(out / prof.name), prof.format, cid, subject_seed(seed, g, i), prof,
-                 prof.modalities, prof.lesion_load, tres)
-            for i, cid in enumerate(ids)
-        ]
-        site_rows.append(_site_row(prof, prof.name, n))
+    jobs, site_rows = _training_jobs(out, profiles, sizes, seed)
     extra: dict[str, Any] = {}
     if test_cases:
-        ids = [f"central-{i:03d}" for i in range(test_cases)]
-        _write_site_manifest(out / "central-test", "central-test", "folder", MODALITIES, ids)
-        for i, cid in enumerate(ids):
-            prof = profiles[i % len(profiles)]
-            # The coordinator's test protocol acquires every modality on every scanner.
-            jobs.append(_Job(str(out / "central-test"), "folder", cid,
-                             subject_seed(seed, 10_000, i), prof, MODALITIES,
-                             prof.lesion_load, tres))
-        extra["central_test"] = {"path": "central-test", "cases": test_cases,
-                                 "scanners": [p.name for p in profiles]}
+        central_jobs, extra["central_test"] = _central_jobs(out, profiles, test_cases, seed)
+        jobs += central_jobs
     unseen = unseen_scanner()
     unseen = unseen.scaled(scale) if scale != 1.0 else unseen
     if unseen_cases:
-        ids = [f"unseen-{i:03d}" for i in range(unseen_cases)]
-        _write_site_manifest(out / unseen.name, unseen.name, "folder", MODALITIES, ids)
-        jobs += [
-            _Job(str(out / unseen.name), "folder", cid, subject_seed(seed, 20_000, i), unseen,
-                 MODALITIES, unseen.lesion_load, tres)
-            for i, cid in enumerate(ids)
-        ]
-        extra["unseen"] = _site_row(unseen, unseen.name, unseen_cases)
+        unseen_jobs, extra["unseen"] = _unseen_jobs(out, unseen, unseen_cases, seed)
+        jobs += unseen_jobs
 
     # The config goes first: it marks the folder as ours, so --force can clean up after an
     # interrupted run.
@@ -331,6 +300,68 @@ def generate_federation(
     _write_json(out / SUMMARY_FILE, summary)
     _verify(out, profiles, sizes, test_cases, unseen_cases, unseen.name)
     return cfg_path
+
+
+_TEMPLATE_RESOLUTION = 1
+"""The 1 mm template loads faster than the 2 mm one (nilearn resamples it)."""
+
+
+def _check_counts(*, scale: float, **counts: int) -> None:
+    """Refuse counts below their minimum (``workers``, ``sites`` and ``cases_per_site`` 1)."""
+    for pname, val in counts.items():
+        low = 0 if pname in ("test_cases", "unseen_cases") else 1
+        if val < low:
+            raise ConfigError(f"{pname} must be at least {low}, got {val}")
+    if not scale > 0:
+        raise ConfigError(f"scale must be positive, got {scale}")
+
+
+def _training_jobs(
+    out: Path, profiles: Sequence[ScannerProfile], sizes: Sequence[int], seed: int
+) -> tuple[list[_Job], list[dict[str, Any]]]:
+    """Write each training site's manifest; its case jobs and summary row."""
+    jobs: list[_Job] = []
+    site_rows: list[dict[str, Any]] = []
+    for g, (prof, n) in enumerate(zip(profiles, sizes, strict=True)):
+        ids = [f"{prof.name}-{i:03d}" for i in range(n)]
+        _write_site_manifest(out / prof.name, prof.name, prof.format, prof.modalities, ids)
+        jobs += [
+            _Job(str(out / prof.name), prof.format, cid, subject_seed(seed, g, i), prof,
+                 prof.modalities, prof.lesion_load, _TEMPLATE_RESOLUTION)
+            for i, cid in enumerate(ids)
+        ]
+        site_rows.append(_site_row(prof, prof.name, n))
+    return jobs, site_rows
+
+
+def _central_jobs(
+    out: Path, profiles: Sequence[ScannerProfile], n: int, seed: int
+) -> tuple[list[_Job], dict[str, Any]]:
+    """Write the central test set's manifest; its case jobs (every site's scanner in turn)."""
+    ids = [f"central-{i:03d}" for i in range(n)]
+    _write_site_manifest(out / "central-test", "central-test", "folder", MODALITIES, ids)
+    jobs = []
+    for i, cid in enumerate(ids):
+        prof = profiles[i % len(profiles)]
+        # The coordinator's test protocol acquires every modality on every scanner.
+        jobs.append(_Job(str(out / "central-test"), "folder", cid,
+                         subject_seed(seed, 10_000, i), prof, MODALITIES,
+                         prof.lesion_load, _TEMPLATE_RESOLUTION))
+    return jobs, {"path": "central-test", "cases": n, "scanners": [p.name for p in profiles]}
+
+
+def _unseen_jobs(
+    out: Path, unseen: ScannerProfile, n: int, seed: int
+) -> tuple[list[_Job], dict[str, Any]]:
+    """Write the unseen scanner's site manifest; its case jobs and summary row."""
+    ids = [f"unseen-{i:03d}" for i in range(n)]
+    _write_site_manifest(out / unseen.name, unseen.name, "folder", MODALITIES, ids)
+    jobs = [
+        _Job(str(out / unseen.name), "folder", cid, subject_seed(seed, 20_000, i), unseen,
+             MODALITIES, unseen.lesion_load, _TEMPLATE_RESOLUTION)
+        for i, cid in enumerate(ids)
+    ]
+    return jobs, _site_row(unseen, unseen.name, n)
 
 
 def _site_row(prof: ScannerProfile, path: str, n: int) -> dict[str, Any]:
@@ -378,13 +409,17 @@ def _run_jobs(jobs: list[_Job], workers: int, progress: bool) -> list[dict[str, 
     return rows
 
 
+POLICY_FILE = "site-policy.yaml"
+
+
 def _write_config(out: Path, profiles: Sequence[ScannerProfile], central: bool,
                   unseen: str | None) -> Path:
     cfg: dict[str, Any] = {
         "name": "synthetic-brain-mri",
         "modalities": list(MODALITIES),
         "labels": dict(LABELS),
-        "sites": [{"name": p.name, "path": p.name} for p in profiles],
+        "sites": [{"name": p.name, "path": p.name, "policy": f"{p.name}/{POLICY_FILE}"}
+                  for p in profiles],
         "central_test": "central-test" if central else None,
         "unseen_sites": [unseen] if unseen else [],
         "preprocessing": default_preprocessing_section(),
@@ -394,7 +429,22 @@ def _write_config(out: Path, profiles: Sequence[ScannerProfile], central: bool,
         del cfg["central_test"]
     path = out / "federation.yaml"
     _write_yaml(path, cfg)
+    _write_site_policies(out, [p.name for p in profiles], path)
     return path
+
+
+def _write_site_policies(out: Path, sites: Sequence[str], config: Path) -> None:
+    """Each generated site's policy: one that allows exactly the generated config's settings.
+
+    So the demo exercises the same checks as a deployment (see ``docs/site-policy.md``).
+    """
+    from fedmed.config import load_config
+    from fedmed.policy import policy_permitting
+
+    cfg = load_config(config)
+    for name in sites:
+        policy = policy_permitting(cfg, site=name).model_dump(mode="json")
+        _write_yaml(out / name / POLICY_FILE, policy)
 
 
 def _verify(out: Path, profiles: Sequence[ScannerProfile], sizes: Sequence[int],

@@ -227,29 +227,6 @@ def random_anatomy(
     wave_phase = rng_deform.uniform(0, 2 * np.pi, size=(3, n_waves))
     wave_amp = rng_deform.uniform(0.3, 1.0, size=(3, n_waves)) * displacement_mm / n_waves * 1.5
 
-    # Over-dispersed count: a gamma-mixed Poisson, so some subjects have none and a few many.
-    rate = lesion_load * rng_lesion.gamma(2.0, 0.5) if lesion_load > 0 else 0.0
-    n_lesions = int(min(max_lesions, rng_lesion.poisson(rate)))
-    blobs = []
-    for _ in range(n_lesions):
-        pool = template.periventricular if rng_lesion.random() < 0.65 else template.deep_wm
-        centre = pool[rng_lesion.integers(len(pool))] + rng_lesion.uniform(-1, 1, size=3)
-        k = 3
-        wdirs = rng_lesion.normal(size=(k, 3))
-        wdirs /= np.linalg.norm(wdirs, axis=1, keepdims=True)
-        axes = rng_lesion.uniform(0.65, 1.35, size=3)
-        blobs.append(
-            Blob(
-                centre=centre,
-                radius=float(rng_lesion.uniform(2.0, 7.0)),
-                rotation=Rotation.random(random_state=rng_lesion).as_matrix(),
-                axes=axes / np.cbrt(np.prod(axes)),
-                wave_dirs=wdirs,
-                wave_freq=rng_lesion.uniform(1.5, 3.5, size=k),
-                wave_phase=rng_lesion.uniform(0, 2 * np.pi, size=k),
-                wave_amp=rng_lesion.uniform(0.05, 0.15, size=k),
-            )
-        )
     return Anatomy(
         centre=template.centre.copy(),
         matrix=np.linalg.inv(forward),
@@ -257,9 +234,46 @@ def random_anatomy(
         wave_k=wave_k,
         wave_phase=wave_phase,
         wave_amp=wave_amp,
-        blobs=tuple(blobs),
+        blobs=random_lesions(rng_lesion, template, lesion_load, max_lesions),
         tissue_jitter=rng_tissue.uniform(0.95, 1.05, size=4),
     )
+
+
+def random_lesions(
+    rng: np.random.Generator, template: Template, lesion_load: float, max_lesions: int = 12
+) -> tuple[Blob, ...]:
+    """Draw a subject's lesions: count, then per lesion its place and irregular shape.
+
+    Args:
+        rng: the subject's lesion stream.
+        template: the template (periventricular and deep white-matter seed points).
+        lesion_load: mean number of lesions (site-dependent).
+        max_lesions: cap on the lesion count.
+    """
+    # Over-dispersed count: a gamma-mixed Poisson, so some subjects have none and a few many.
+    rate = lesion_load * rng.gamma(2.0, 0.5) if lesion_load > 0 else 0.0
+    n_lesions = int(min(max_lesions, rng.poisson(rate)))
+    blobs = []
+    for _ in range(n_lesions):
+        pool = template.periventricular if rng.random() < 0.65 else template.deep_wm
+        centre = pool[rng.integers(len(pool))] + rng.uniform(-1, 1, size=3)
+        k = 3
+        wdirs = rng.normal(size=(k, 3))
+        wdirs /= np.linalg.norm(wdirs, axis=1, keepdims=True)
+        axes = rng.uniform(0.65, 1.35, size=3)
+        blobs.append(
+            Blob(
+                centre=centre,
+                radius=float(rng.uniform(2.0, 7.0)),
+                rotation=Rotation.random(random_state=rng).as_matrix(),
+                axes=axes / np.cbrt(np.prod(axes)),
+                wave_dirs=wdirs,
+                wave_freq=rng.uniform(1.5, 3.5, size=k),
+                wave_phase=rng.uniform(0, 2 * np.pi, size=k),
+                wave_amp=rng.uniform(0.05, 0.15, size=k),
+            )
+        )
+    return tuple(blobs)
 
 
 def sample_tissues(

@@ -15,8 +15,9 @@ from rich.console import Console
 
 from fedmed.config import FederationConfig
 from fedmed.errors import TrainingError
-from fedmed.evaluation.evaluate import evaluate_everywhere
+from fedmed.export.tracking import RunTracker, open_tracker
 from fedmed.federation.rundir import RunDir
+from fedmed.training.evaluation import evaluate_everywhere
 
 
 def run_pooled(
@@ -43,8 +44,8 @@ def run_pooled(
     Returns:
         The summary written to ``summary.json``.
     """
-    from fedmed.data.dataset import load_site_cases
-    from fedmed.data.preprocess import PreprocessSettings
+    from fedmed.data.dataset import SiteSplit, load_site_cases
+    from fedmed.data.planning import plan_preprocessing
     from fedmed.models import build_model, describe_model
     from fedmed.training.checkpoint import save_model
     from fedmed.training.trainer import LocalTrainer, seed_everything
@@ -54,11 +55,14 @@ def run_pooled(
     names = list(sites) if sites is not None else cfg.site_names
     for n in names:
         cfg.site(n)  # raises ConfigError for an unknown site
+    settings = plan_preprocessing(cfg)  # before the run directory: a planning error leaves none
     run = RunDir.create(out, cfg, force=force)
-    settings = PreprocessSettings.from_config(cfg)
+    if cfg.preprocessing.target_spacing is None:
+        planned = " x ".join(f"{s:g}" for s in settings.target_spacing)
+        console.print(f"target spacing planned from the sites' fingerprints: {planned} mm")
     cases = []
     for n in names:
-        cases.extend(load_site_cases(cfg, n, "train"))
+        cases.extend(load_site_cases(cfg, n, "train", fixed=SiteSplit.simulated(cfg, n)))
     if not cases:
         raise TrainingError(f"sites {names} have no training cases")
     seed_everything(cfg.training.seed)
@@ -67,12 +71,11 @@ def run_pooled(
     console.print(
         f"model: {describe_model(model, len(cfg.modalities), cfg.preprocessing.patch_size)}"
     )
+    tracker = _tracker(cfg, run, mode, console)
     trainer = LocalTrainer(
-        cfg,
-        model,
-        metrics_path=run.metrics_path,
-        site=names[0] if mode == "local" else None,
+        cfg, model, metrics_path=run.metrics_path, site=names[0] if mode == "local" else None,
         state_dir=run.path / "state",
+        on_epoch=lambda line: tracker.log_line(line, step=int(line["epoch"])),
     )
     n_epochs = epochs or cfg.training.epochs
     fit = trainer.fit(cases, n_epochs)
@@ -89,8 +92,19 @@ def run_pooled(
         "sites": names,
         "final_train_loss": fit.loss,
         "device": str(trainer.device),
+        "target_spacing": list(settings.target_spacing),
     }
     if fit.epsilon is not None:
         summary["epsilon"] = {names[0]: fit.epsilon}
         summary["delta"] = fit.delta
-    return run.write_summary(summary)
+    written = run.write_summary(summary)
+    tracker.finish(written, step=n_epochs)
+    return written
+
+
+def _tracker(cfg: FederationConfig, run: RunDir, mode: str, console: Console) -> RunTracker:
+    """TensorBoard / MLflow per ``cfg.tracking``; its notes go to the console."""
+    return open_tracker(
+        cfg, run.path, mode=mode,
+        note=lambda text: console.print(text, markup=False, highlight=False, style="yellow"),
+    )

@@ -144,23 +144,10 @@ def compress(
     scale_keys: list[str] = []
     scales: list[float] = []
     for (name, arr), start in zip(arrays.items(), offsets, strict=True):
-        wire = _wire_dtype(kind, arr.dtype)
-        dest = packed[wire][start : start + arr.size]
-        if wire == arr.dtype and not np.issubdtype(arr.dtype, np.floating):
-            dest[:] = arr.ravel()
-            continue
-        x = arr.astype(np.float32).ravel()
-        if use_deltas:
-            ref = np.asarray(reference[name], dtype=np.float32).ravel()  # type: ignore[index]
-            x = x - ref
-        if kind == "float16":
-            dest[:] = x.astype(np.float16)
-        elif kind == "bfloat16":
-            dest[:] = float32_to_bfloat16_bits(x)
-        else:  # int8
-            peak = float(np.max(np.abs(x))) if x.size else 0.0
-            scale = peak / 127.0 if peak > 0 else 1.0
-            dest[:] = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
+        dest = packed[_wire_dtype(kind, arr.dtype)][start : start + arr.size]
+        ref = reference[name] if use_deltas and reference is not None else None
+        scale = _encode_into(dest, arr, kind, ref)
+        if scale is not None:
             scale_keys.append(name)
             scales.append(scale)
     meta.update({
@@ -174,6 +161,28 @@ def compress(
         meta["scale-keys"] = scale_keys
         meta["scales"] = scales
     return {packed_key(wire): arr for wire, arr in packed.items()}, meta
+
+
+def _encode_into(
+    dest: np.ndarray, arr: np.ndarray, kind: str, reference: np.ndarray | None
+) -> float | None:
+    """Write one tensor (minus ``reference`` when given) into ``dest``; int8: its scale."""
+    if dest.dtype == arr.dtype and not np.issubdtype(arr.dtype, np.floating):
+        dest[:] = arr.ravel()  # integer tensors travel bit-exact
+        return None
+    x = arr.astype(np.float32).ravel()
+    if reference is not None:
+        x = x - np.asarray(reference, dtype=np.float32).ravel()
+    if kind == "float16":
+        dest[:] = x.astype(np.float16)
+        return None
+    if kind == "bfloat16":
+        dest[:] = float32_to_bfloat16_bits(x)
+        return None
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    scale = peak / 127.0 if peak > 0 else 1.0
+    dest[:] = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
+    return scale
 
 
 def _index(
@@ -245,15 +254,50 @@ def decompress(
     if use_deltas and reference is None:
         raise FederationError(f"decompress {kind!r}: the update holds deltas but no reference")
     index = _index(metadata, kind)
-    scale_of: dict[str, float] = {}
-    if kind == "int8":
-        keys = list(metadata.get("scale-keys", []))
-        vals = list(metadata.get("scales", []))
-        if len(keys) != len(vals):
-            raise FederationError("decompress int8: scale-keys and scales differ in length")
-        scale_of = dict(zip(keys, (float(v) for v in vals), strict=True))
-    # Every packed array the index needs must be there, flat, of its wire dtype, and exactly
-    # as long as the tensors it holds: anything else is a truncated or foreign payload.
+    scale_of = _scales(metadata) if kind == "int8" else {}
+    flat = _packed_arrays(payload, index, kind)
+    out: dict[str, np.ndarray] = {}
+    for name, dtype, shape, off in index:
+        wire = _wire_dtype(kind, dtype)
+        part = flat[packed_key(wire)][off : off + math.prod(shape)]
+        if wire == dtype and not np.issubdtype(dtype, np.floating):
+            out[name] = part.reshape(shape).copy()
+            continue
+        if kind == "float16":
+            x = part.astype(np.float32)
+        elif kind == "bfloat16":
+            x = bfloat16_bits_to_float32(part)
+        else:  # int8
+            if name not in scale_of:
+                raise FederationError(f"decompress int8: no scale for {name!r}")
+            x = part.astype(np.float32) * np.float32(scale_of[name])
+        x = x.reshape(shape)
+        if use_deltas:
+            ref = reference.get(name) if reference is not None else None
+            if ref is None:
+                raise FederationError(f"decompress: reference weights lack {name!r}")
+            x = np.asarray(ref, dtype=np.float32) + x
+        out[name] = x.astype(dtype, copy=False)
+    return out
+
+
+def _scales(metadata: Mapping[str, Any]) -> dict[str, float]:
+    keys = list(metadata.get("scale-keys", []))
+    vals = list(metadata.get("scales", []))
+    if len(keys) != len(vals):
+        raise FederationError("decompress int8: scale-keys and scales differ in length")
+    return dict(zip(keys, (float(v) for v in vals), strict=True))
+
+
+def _packed_arrays(
+    payload: Mapping[str, np.ndarray],
+    index: list[tuple[str, np.dtype, tuple[int, ...], int]],
+    kind: str,
+) -> dict[str, np.ndarray]:
+    """The packed arrays the index needs, each checked: flat, its wire dtype, exact length.
+
+    Anything else is a truncated or foreign payload.
+    """
     need: dict[str, int] = {}
     for name, dtype, shape, off in index:
         key = packed_key(_wire_dtype(kind, dtype))
@@ -284,29 +328,7 @@ def decompress(
         raise FederationError(
             f"decompress {kind!r}: arrays {extra[:3]} are not in the update's index"
         )
-    out: dict[str, np.ndarray] = {}
-    for name, dtype, shape, off in index:
-        wire = _wire_dtype(kind, dtype)
-        part = flat[packed_key(wire)][off : off + math.prod(shape)]
-        if wire == dtype and not np.issubdtype(dtype, np.floating):
-            out[name] = part.reshape(shape).copy()
-            continue
-        if kind == "float16":
-            x = part.astype(np.float32)
-        elif kind == "bfloat16":
-            x = bfloat16_bits_to_float32(part)
-        else:  # int8
-            if name not in scale_of:
-                raise FederationError(f"decompress int8: no scale for {name!r}")
-            x = part.astype(np.float32) * np.float32(scale_of[name])
-        x = x.reshape(shape)
-        if use_deltas:
-            ref = reference.get(name) if reference is not None else None
-            if ref is None:
-                raise FederationError(f"decompress: reference weights lack {name!r}")
-            x = np.asarray(ref, dtype=np.float32) + x
-        out[name] = x.astype(dtype, copy=False)
-    return out
+    return flat
 
 
 def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:

@@ -1,54 +1,71 @@
-"""The coordinator (server side): rounds, central evaluation, checkpoints, run directory.
+"""The coordinator's round loop: train, aggregate, evaluate, record, checkpoint.
 
 :class:`Coordinator` drives a Flower strategy round by round through its message API
 (``configure_train`` -> ``Grid.send_and_receive`` -> ``aggregate_train`` ->
-``configure_evaluate`` -> ... -> ``aggregate_evaluate``), exactly the steps of
-``Strategy.start``, written out so that after every round it can
+``configure_evaluate`` -> ... ), exactly the steps of ``Strategy.start``, written out so that
+after every round it can
 
-- decompress the sites' replies before aggregation (:mod:`fedmed.federation.compression`),
-  set skipped and failed sites aside, and order replies by site (bit-reproducible sums);
+- clean the sites' replies before aggregation (:mod:`fedmed.federation.replies`);
 - evaluate the global model on the coordinator's held-out test set;
 - append one line to ``metrics.jsonl`` (``round``, ``central_dice``,
-  ``central_dice_per_class``, ``per_site_dice``, ``train_loss``, ``wall_seconds``,
-  ``bytes_sent``, ``bytes_received``, ``sites_trained``, ``epsilon``, ...);
-- write ``checkpoint.pt`` atomically (global weights, strategy state such as FedAdam's
-  moments, round, history), from which ``--resume`` continues after a restart.
+  ``central_dice_per_class``, ``per_site_dice`` (of the model the round started from),
+  ``train_loss``, ``wall_seconds``, ``bytes_sent``, ``bytes_received``, ``sites_trained``,
+  ``sites_refused`` (reason codes), ``sites_rejected``, ``epsilon``, ...), and send it to
+  TensorBoard / MLflow (``tracking``, :mod:`fedmed.export.tracking`);
+- write ``checkpoint.pt`` (:mod:`fedmed.federation.round_checkpoint`), from which
+  ``--resume`` continues after a restart.
 
-At the end it writes ``model.pt`` and ``summary.json``. :func:`make_server_app` wraps it in
-a Flower ``ServerApp`` (``server/app.py``).
+With ``federation.personalization`` a final round follows the last one
+(:meth:`Coordinator.final_stage`): every site scores the final global model and its own
+personal model on its own test cases (``per_site_final`` in ``summary.json``).
+
+At the end it writes ``model.pt`` and ``summary.json``. A round is two stages,
+:meth:`Coordinator.train_stage` and :meth:`Coordinator.evaluate_stage`; the SecAgg+
+coordinator (:mod:`fedmed.federation.secagg_coordinator`) replaces only the first.
+The ServerApp around it is :mod:`fedmed.federation.server_app`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from fedmed.config import FederationConfig, dump_config, load_config
-from fedmed.errors import CheckpointError, FederationError, FedMedError
-from fedmed.federation import compression
-from fedmed.federation.rundir import RunDir
-from fedmed.federation.site import (
-    CFG_KEY,
-    INFO_KEY,
-    LOCAL_EPOCHS_KEY,
-    METRICS_KEY,
-    RUN_NAME_KEY,
-    STRATEGY_KEY,
-    TOTAL_ROUNDS_KEY,
-)
-from fedmed.federation.strategies import (
+from fedmed.config import FederationConfig
+from fedmed.errors import FedMedError
+from fedmed.export.tracking import RunTracker, open_tracker
+from fedmed.federation.protocol import (
     ARRAYS_KEY,
-    WEIGHT_KEY,
+    CONFIG_KEY,
+    FINAL_ROUND_KEY,
+    ROUND_KEY,
+    from_record,
+    record_bytes,
+    request_config,
+    to_record,
+)
+from fedmed.federation.replies import (
+    clean_train_replies,
+    finite,
+    read_evaluate_replies,
+    read_final_replies,
+)
+from fedmed.federation.round_checkpoint import (
+    CHECKPOINT_FILE,
+    RoundState,
+    load_round_state,
+    save_round_state,
+)
+from fedmed.federation.rundir import RunDir
+from fedmed.federation.strategies import (
     build_strategy,
     restore_strategy_state,
     strategy_state,
@@ -56,39 +73,7 @@ from fedmed.federation.strategies import (
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = "fedmed-coordinator/1"
-
 RoundCallback = Callable[[Mapping[str, Any]], None]
-
-
-def record_bytes(record: ArrayRecord) -> int:
-    """Serialized payload bytes of an ArrayRecord (sum of its arrays' ``data``)."""
-    return int(sum(len(a.data) for a in record.values()))
-
-
-def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: a.numpy() for k, a in record.items()}
-
-
-def _to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
-def _as_int(value: Any) -> int:
-    return int(value) if isinstance(value, int | float) else 0
-
-
-def _as_float(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) else math.nan
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) or math.isinf(f) else f
 
 
 def resolved_config(cfg: FederationConfig) -> tuple[FederationConfig, tuple[float, float, float]]:
@@ -97,9 +82,9 @@ def resolved_config(cfg: FederationConfig) -> tuple[FederationConfig, tuple[floa
     The coordinator sends this config to every site, so all of them preprocess alike even
     when they cannot see each other's fingerprints.
     """
-    from fedmed.data.preprocess import settings_for
+    from fedmed.data.planning import plan_preprocessing
 
-    spacing = settings_for(cfg).target_spacing
+    spacing = plan_preprocessing(cfg).target_spacing
     if cfg.preprocessing.target_spacing is None:
         cfg = cfg.with_changes(preprocessing={"target_spacing": list(spacing)})
     return cfg, (float(spacing[0]), float(spacing[1]), float(spacing[2]))
@@ -113,7 +98,8 @@ class Coordinator:
         run: the run directory (created, ``config.yaml`` written).
         resume: continue from ``checkpoint.pt`` when there is one.
         on_round: called with each round's metrics line (progress display).
-        run_name: identifies the run to the sites (DP ledger).
+        run_name: identifies the run to the sites (per-run ledger figures and state);
+            default: the run directory's ``run-id``.
     """
 
     def __init__(
@@ -132,76 +118,22 @@ class Coordinator:
         self.run = run
         self.resume = resume
         self.on_round = on_round
-        self.run_name = run_name or run.path.name
-        fed = self.cfg.federation
-        self.strategy_name = fed.strategy
-        self.rounds = fed.rounds
+        self.run_name = run_name or run.run_id
+        self.strategy_name = self.cfg.federation.strategy
+        self.rounds = self.cfg.federation.rounds
         seed_everything(self.cfg.training.seed)
         model = build_model(self.cfg.model, len(self.cfg.modalities), self.cfg.num_classes)
         self.norm_keys = sorted(norm_parameter_names(model))
         self.trainer = LocalTrainer(self.cfg, model, site=None)
         self.strategy = build_strategy(self.cfg, norm_keys=self.norm_keys)
         self._central_cases: list[Any] | None = None
-        self._cfg_json = json.dumps(self.cfg.model_dump(mode="json"))
-
-    # -- checkpoint ----------------------------------------------------------------------
+        self._model_json = json.dumps(self.cfg.model.model_dump(mode="json"))
+        self.tracker = RunTracker()  # opened in run_rounds (TensorBoard / MLflow)
 
     @property
     def checkpoint_path(self) -> Path:
         """``RUN/checkpoint.pt``."""
         return self.run.path / CHECKPOINT_FILE
-
-    def save_checkpoint(
-        self, server_round: int, arrays: Mapping[str, np.ndarray], history: list[dict[str, Any]],
-        wall_seconds: float,
-    ) -> None:
-        """Write the state after ``server_round`` atomically (tmp file + rename)."""
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "round": server_round,
-            "strategy": self.strategy_name,
-            "arrays": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
-            "strategy_state": {
-                attr: {k: torch.from_numpy(np.array(v)) for k, v in vals.items()}
-                for attr, vals in strategy_state(self.strategy).items()
-            },
-            "history": json.dumps(history),
-            "wall_seconds": float(wall_seconds),
-            "model": json.dumps(self.cfg.model.model_dump(mode="json")),
-        }
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(self.checkpoint_path)
-
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        """The checkpoint of an earlier run of this folder, checked against the config.
-
-        Raises:
-            CheckpointError: unreadable, or written with another strategy or model.
-        """
-        p = self.checkpoint_path
-        if not p.is_file():
-            return None
-        try:
-            payload = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(
-                f"{p}: cannot read the coordinator checkpoint ({type(exc).__name__}: {exc}); "
-                "delete it (and metrics.jsonl) to start over, or use --force"
-            ) from None
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{p}: not a fedmed coordinator checkpoint")
-        if payload["strategy"] != self.strategy_name:
-            raise CheckpointError(
-                f"--resume: {p} was written by strategy {payload['strategy']!r}, the config "
-                f"asks for {self.strategy_name!r}; resume with --strategy {payload['strategy']}"
-            )
-        if json.loads(payload["model"]) != self.cfg.model.model_dump(mode="json"):
-            raise CheckpointError(
-                f"--resume: {p} holds a model built with another model config; resume with "
-                "the config the run started with (RUN/config.yaml)"
-            )
-        return payload
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -227,16 +159,13 @@ class Coordinator:
 
     def final_evaluation(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Central test set, each site's test split and unseen sites (summary fields)."""
+        from fedmed.training.evaluation import evaluate_everywhere
+
         self._set_global(arrays)
         try:
-            from fedmed.evaluation.evaluate import evaluate_everywhere
-        except ImportError:
-            evaluate_everywhere = None  # type: ignore[assignment]
-        if evaluate_everywhere is not None:
-            try:
-                return dict(evaluate_everywhere(self.trainer, self.cfg))
-            except FedMedError as exc:
-                log.warning("final evaluation failed: %s", exc)
+            return dict(evaluate_everywhere(self.trainer, self.cfg))
+        except FedMedError as exc:
+            log.warning("final evaluation failed: %s", exc)
         central = self.central_evaluate(arrays) or {}
         return {
             "dice_mean": central.get("dice_mean"),
@@ -247,146 +176,118 @@ class Coordinator:
 
     # -- one round -----------------------------------------------------------------------
 
-    def _config(self, server_round: int) -> ConfigRecord:
-        return ConfigRecord({
-            CFG_KEY: self._cfg_json,
-            TOTAL_ROUNDS_KEY: self.rounds,
-            LOCAL_EPOCHS_KEY: self.cfg.federation.local_epochs,
-            STRATEGY_KEY: self.strategy_name,
-            RUN_NAME_KEY: self.run_name,
-        })
+    def request_config(self) -> ConfigRecord:
+        """The ConfigRecord every request of this run carries (the strategy adds the round)."""
+        return request_config(
+            self.cfg, total_rounds=self.rounds,
+            local_epochs=self.cfg.federation.local_epochs, strategy=self.strategy_name,
+            run_name=self.run_name,
+        )
 
-    def _clean_train_replies(
-        self, replies: Iterable[Message], reference: Mapping[str, np.ndarray], line: dict[str, Any]
-    ) -> list[Message]:
-        """Decompressed replies with only what the strategy aggregates, ordered by site."""
-        kept: list[tuple[str, Message]] = []
-        failed: dict[str, str] = {}
-        skipped: dict[str, str] = {}
-        epsilon: dict[str, float] = {}
-        num: dict[str, int] = {}
-        received = 0
-        for msg in replies:
-            node = str(msg.metadata.src_node_id)
-            if msg.has_error():
-                failed[node] = str(msg.error.reason)[-500:]
-                continue
-            content = msg.content
-            info = content.config_records.get(INFO_KEY, ConfigRecord())
-            site = str(info.get("site", node))
-            metrics = content.metric_records.get(METRICS_KEY, MetricRecord())
-            if metrics.get("epsilon") is not None:
-                epsilon[site] = float(_as_float(metrics["epsilon"]))
-            if "skipped" in info:
-                skipped[site] = str(info["skipped"])
-                continue
-            if ARRAYS_KEY not in content.array_records:
-                failed[site] = "reply without weights"
-                continue
-            record = content.array_records[ARRAYS_KEY]
-            received += record_bytes(record)
-            meta = {
-                k.removeprefix("compression-"): v for k, v in info.items()
-                if k.startswith("compression-")
-            }
-            try:
-                weights = compression.decompress(_to_numpy(record), meta, reference)
-            except FederationError as exc:
-                failed[site] = f"cannot decompress its update: {exc}"
-                continue
-            n = _as_int(metrics.get(WEIGHT_KEY, 0))
-            if n <= 0:
-                failed[site] = f"reported {n} training cases"
-                continue
-            num[site] = n
-            # The strategy sees exactly one ArrayRecord and one MetricRecord with the same
-            # keys at every site (Flower's consistency check), whatever else sites report.
-            msg.content = RecordDict({
-                ARRAYS_KEY: _to_record(weights),
-                METRICS_KEY: MetricRecord(
-                    {WEIGHT_KEY: n, "train-loss": _as_float(metrics.get("train-loss", math.nan))}
-                ),
-            })
-            kept.append((site, msg))
-        kept.sort(key=lambda t: t[0])
-        line.update({
-            "bytes_received": received,
-            "sites_trained": [s for s, _ in kept],
-            "num_examples": dict(sorted(num.items())),
-        })
-        if failed:
-            line["sites_failed"] = failed
-        if skipped:
-            line["sites_skipped"] = skipped
-        if epsilon:
-            line["epsilon"] = epsilon
-        return [m for _, m in kept]
+    def train_stage(
+        self, grid: Any, server_round: int, arrays: dict[str, np.ndarray], line: dict[str, Any]
+    ) -> dict[str, np.ndarray]:
+        """Send the global weights, aggregate what comes back; returns the new weights.
 
-    def _evaluate_replies(self, replies: Iterable[Message], line: dict[str, Any]) -> None:
-        per_site: dict[str, float | None] = {}
-        weights: dict[str, int] = {}
-        failed: dict[str, str] = {}
-        for msg in replies:
-            if msg.has_error():
-                failed[str(msg.metadata.src_node_id)] = str(msg.error.reason)[-500:]
-                continue
-            content = msg.content
-            info = content.config_records.get(INFO_KEY, ConfigRecord())
-            site = str(info.get("site", msg.metadata.src_node_id))
-            metrics = content.metric_records.get(METRICS_KEY, MetricRecord())
-            per_site[site] = _finite(metrics.get("dice"))
-            weights[site] = _as_int(metrics.get(WEIGHT_KEY, 0))
-        line["per_site_dice"] = dict(sorted(per_site.items()))
-        valid = [(d, weights[s]) for s, d in per_site.items() if d is not None]
-        total = sum(w for _, w in valid)
-        line["federated_dice"] = sum(d * w for d, w in valid) / total if total > 0 else None
-        if failed:
-            line["sites_failed_evaluation"] = failed
+        Adds ``bytes_sent``, ``train_loss`` and what :func:`clean_train_replies` records.
+        """
+        record = to_record(arrays)
+        messages = list(
+            self.strategy.configure_train(server_round, record, self.request_config(), grid)
+        )
+        line["bytes_sent"] = sum(record_bytes(m.content.array_records[ARRAYS_KEY])
+                                 for m in messages)
+        replies = grid.send_and_receive(
+            messages, timeout=self.cfg.federation.round_timeout_s
+        ) if messages else []
+        expected = set(arrays) - set(self.norm_keys) if self.strategy_name == "fedbn" else None
+        cleaned = clean_train_replies(replies, arrays, line, expected)
+        new_arrays = arrays
+        if cleaned:
+            agg, agg_metrics = self.strategy.aggregate_train(server_round, cleaned)
+            if agg is not None:
+                new_arrays = from_record(agg)
+            if agg_metrics is not None:
+                line["train_loss"] = finite(agg_metrics.get("train-loss"))
+        else:
+            log.warning("round %d: no site sent an update; the global model is unchanged",
+                        server_round)
+        line.setdefault("train_loss", None)
+        return new_arrays
+
+    def evaluate_stage(
+        self,
+        grid: Any,
+        server_round: int,
+        sent: dict[str, np.ndarray],
+        new: dict[str, np.ndarray],
+        line: dict[str, Any],
+    ) -> None:
+        """Federated evaluation of ``sent``, central evaluation of ``new``, into ``line``.
+
+        The sites evaluate the global weights they received for training this round (a site
+        evaluates nothing else: a coordinator must not probe patients with weights of its
+        choosing), so ``per_site_dice`` of round ``r`` is the model that round ``r`` started
+        from; ``central_dice`` is the model after it.
+        """
+        if self.cfg.federation.evaluate_sites:
+            record = to_record(sent)
+            messages = list(self.strategy.configure_evaluate(
+                server_round, record, self.request_config(), grid
+            ))
+            line["bytes_sent"] = line.get("bytes_sent", 0) + sum(
+                record_bytes(m.content.array_records[ARRAYS_KEY]) for m in messages
+            )
+            replies = grid.send_and_receive(
+                messages, timeout=self.cfg.federation.round_timeout_s
+            ) if messages else []
+            read_evaluate_replies(replies, line)
+        else:
+            line["per_site_dice"] = {}
+        central = self.central_evaluate(new)
+        line["central_dice"] = None if central is None else central["dice_mean"]
+        line["central_dice_per_class"] = {} if central is None else central["dice_per_class"]
+        line["central_hd95"] = None if central is None else central["hd95_mean"]
 
     def run_round(
         self, grid: Any, server_round: int, arrays: dict[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Train, aggregate, evaluate one round; returns the new global weights and its line."""
-        timeout = self.cfg.federation.round_timeout_s
         line: dict[str, Any] = {"round": server_round}
         # Seeded per round so that node sampling (fraction_train < 1) repeats on resume.
         random.seed(self.cfg.training.seed * 100_003 + server_round)
-        record = _to_record(arrays)
-        messages = list(
-            self.strategy.configure_train(server_round, record, self._config(server_round), grid)
-        )
-        sent = sum(record_bytes(m.content.array_records[ARRAYS_KEY]) for m in messages)
-        replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
-        cleaned = self._clean_train_replies(replies, arrays, line)
-        new_arrays = arrays
-        if cleaned:
-            agg, agg_metrics = self.strategy.aggregate_train(server_round, cleaned)
-            if agg is not None:
-                new_arrays = _to_numpy(agg)
-            if agg_metrics is not None:
-                line["train_loss"] = _finite(agg_metrics.get("train-loss"))
-        else:
-            log.warning("round %d: no site sent an update; the global model is unchanged",
-                        server_round)
-        line.setdefault("train_loss", None)
-        if self.cfg.federation.evaluate_sites:
-            record = _to_record(new_arrays)
-            messages = list(
-                self.strategy.configure_evaluate(
-                    server_round, record, self._config(server_round), grid
-                )
-            )
-            sent += sum(record_bytes(m.content.array_records[ARRAYS_KEY]) for m in messages)
-            replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
-            self._evaluate_replies(replies, line)
-        else:
-            line["per_site_dice"] = {}
-        line["bytes_sent"] = sent
-        central = self.central_evaluate(new_arrays)
-        line["central_dice"] = None if central is None else central["dice_mean"]
-        line["central_dice_per_class"] = {} if central is None else central["dice_per_class"]
-        line["central_hd95"] = None if central is None else central["hd95_mean"]
+        new_arrays = self.train_stage(grid, server_round, arrays, line)
+        self.evaluate_stage(grid, server_round, arrays, new_arrays, line)
         return new_arrays, line
+
+    def final_stage(self, grid: Any, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """The personalisation round: each site scores the final global model and its own.
+
+        Every connected site gets one more train message (round ``rounds + 1``,
+        ``final-round`` set) with the final global weights; it personalises (fine-tunes, or
+        takes its Ditto model) and replies with the mean Dice and bootstrap interval of both
+        models on its own test cases -- metrics only, so the message goes over the Message
+        API also under secure aggregation. Nothing is sent with ``personalization: none``.
+        A site asked again (``--resume`` of a finished run) answers from what it kept.
+
+        Returns:
+            :func:`~fedmed.federation.replies.read_final_replies`' fields, or ``{}``.
+        """
+        if self.cfg.federation.personalization == "none":
+            return {}
+        config = self.request_config()
+        config[ROUND_KEY] = self.rounds + 1
+        config[FINAL_ROUND_KEY] = True
+        content = RecordDict({ARRAYS_KEY: to_record(arrays), CONFIG_KEY: config})
+        messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+                    for node in grid.get_node_ids()]
+        replies = grid.send_and_receive(
+            messages, timeout=self.cfg.federation.round_timeout_s
+        ) if messages else []
+        final = read_final_replies(replies)
+        log.info("final round: %d site(s) scored their own test cases",
+                 len(final["per_site_final"]))
+        return final
 
     # -- the whole run -----------------------------------------------------------------------
 
@@ -394,55 +295,67 @@ class Coordinator:
         """The initial global weights (the seeded model's)."""
         return {k: v.detach().cpu().numpy().copy() for k, v in self.trainer.get_weights().items()}
 
+    def _start(self) -> RoundState:
+        """Where the run starts: the checkpoint's state on ``resume``, else round 0."""
+        saved = load_round_state(
+            self.checkpoint_path, strategy=self.strategy_name, model_json=self._model_json
+        ) if self.resume else None
+        if saved is not None:
+            restore_strategy_state(self.strategy, saved.strategy_state)
+            log.info("resuming %s after round %d", self.run.path, saved.round)
+            return saved
+        self.checkpoint_path.unlink(missing_ok=True)
+        return RoundState(0, self.initial_arrays(), {}, [], 0.0)
+
     def run_rounds(self, grid: Any) -> dict[str, Any]:
         """All rounds (from the checkpoint on ``resume``), then ``model.pt`` + ``summary.json``.
 
         Returns:
             The summary written to ``summary.json``.
         """
-        arrays = self.initial_arrays()
-        history: list[dict[str, Any]] = []
-        start_round, wall_before = 1, 0.0
-        ckpt = self.load_checkpoint() if self.resume else None
-        if ckpt is not None:
-            arrays = {k: v.numpy() for k, v in ckpt["arrays"].items()}
-            saved = ckpt["strategy_state"]
-            restore_strategy_state(
-                self.strategy, {a: {k: t.numpy() for k, t in v.items()} for a, v in saved.items()}
-            )
-            history = list(json.loads(ckpt["history"]))
-            start_round = int(ckpt["round"]) + 1
-            wall_before = float(ckpt["wall_seconds"])
-            log.info("resuming %s after round %d", self.run.path, start_round - 1)
-        elif self.checkpoint_path.exists():
-            self.checkpoint_path.unlink()
+        state = self._start()
+        self.tracker = open_tracker(self.cfg, self.run.path, mode="federated",
+                                    start_step=state.round + 1)
+        arrays, history = state.arrays, state.history
         # metrics.jsonl holds exactly the finished rounds (a crash may have left a line of an
         # unfinished one behind).
         self.run.metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
         started = time.perf_counter()
-        for server_round in range(start_round, self.rounds + 1):
+        for server_round in range(state.round + 1, self.rounds + 1):
             t0 = time.perf_counter()
             arrays, line = self.run_round(grid, server_round, arrays)
             line["round_seconds"] = time.perf_counter() - t0
-            line["wall_seconds"] = wall_before + time.perf_counter() - started
+            line["wall_seconds"] = state.wall_seconds + time.perf_counter() - started
             self.run.append_metrics(line)
             history.append(json.loads(self.run.metrics_path.read_text().splitlines()[-1]))
-            self.save_checkpoint(server_round, arrays, history, line["wall_seconds"])
+            self.tracker.log_line(history[-1], step=server_round)
+            save_round_state(
+                self.checkpoint_path,
+                RoundState(server_round, arrays, strategy_state(self.strategy), history,
+                           line["wall_seconds"]),
+                strategy=self.strategy_name, model_json=self._model_json,
+            )
             if self.on_round is not None:
                 self.on_round(line)
             else:
                 log.info("round %d/%d: central Dice %s, loss %s, %.1f s", server_round,
                          self.rounds, line["central_dice"], line["train_loss"],
                          line["round_seconds"])
-        wall = wall_before + time.perf_counter() - started
-        return self.finish(arrays, history, wall)
+        final = self.final_stage(grid, arrays)
+        wall = state.wall_seconds + time.perf_counter() - started
+        return self.finish(arrays, history, wall, final=final)
 
     def finish(
-        self, arrays: Mapping[str, np.ndarray], history: list[dict[str, Any]], wall: float
+        self, arrays: Mapping[str, np.ndarray], history: list[dict[str, Any]], wall: float,
+        *, final: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Write ``model.pt`` and ``summary.json``; returns the summary."""
+        """Write ``model.pt`` and ``summary.json``; returns the summary.
+
+        ``final``: what :meth:`final_stage` returned (``per_site_final`` etc.).
+        """
         from fedmed.training.checkpoint import save_model
 
+        final = dict(final or {})
         weights = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
         save_model(
             self.run.model_path, weights, self.cfg, self.target_spacing,
@@ -450,8 +363,13 @@ class Coordinator:
         )
         ev = self.final_evaluation(arrays)
         epsilon: dict[str, float] = {}
+        refused: dict[str, dict[str, int]] = {}
         for h in history:
             epsilon.update(h.get("epsilon") or {})
+            for key in ("sites_refused", "sites_refused_evaluation"):
+                for site, code in (h.get(key) or {}).items():
+                    counts = refused.setdefault(site, {})
+                    counts[code] = counts.get(code, 0) + 1
         summary: dict[str, Any] = {
             "mode": "federated",
             "strategy": self.strategy_name,
@@ -468,126 +386,20 @@ class Coordinator:
             "bytes_sent": sum(int(h.get("bytes_sent", 0)) for h in history),
             "bytes_received": sum(int(h.get("bytes_received", 0)) for h in history),
             "central_dice_per_round": [h.get("central_dice") for h in history],
+            "personalization": self.cfg.federation.personalization,
+            "per_site_final": final.get("per_site_final", {}),
         }
+        for key in ("sites_refused_final", "sites_failed_final", "personalisation_skipped"):
+            if final.get(key):
+                summary[key] = final[key]
+        epsilon.update(final.get("epsilon") or {})  # after fine-tuning, under DP
         if epsilon:
             summary["epsilon"] = epsilon
-        return self.run.write_summary(summary)
+        if refused:
+            summary["sites_refused"] = refused  # site -> reason code -> requests refused
+        written = self.run.write_summary(summary)
+        self.tracker.finish(written, step=self.rounds)
+        return written
 
 
-# -- the ServerApp ------------------------------------------------------------------------------
-
-
-def _run_config_flag(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes")
-    return bool(value)
-
-
-def apply_overrides(
-    cfg: FederationConfig, *, strategy: str | None = None, rounds: int | None = None
-) -> FederationConfig:
-    """``cfg`` with ``--strategy`` / ``--rounds`` applied."""
-    changes: dict[str, Any] = {}
-    if strategy:
-        changes["strategy"] = strategy.lower()
-    if rounds:
-        changes["rounds"] = int(rounds)
-    return cfg.with_changes(federation=changes) if changes else cfg
-
-
-def serve(
-    grid: Any,
-    run_config: Mapping[str, Any],
-    *,
-    cfg: FederationConfig | None = None,
-    run_dir: Path | None = None,
-    resume: bool | None = None,
-    on_round: RoundCallback | None = None,
-) -> dict[str, Any]:
-    """The ServerApp's work: config -> coordinator -> rounds -> run directory.
-
-    Args:
-        grid: Flower's Grid.
-        run_config: Flower's run config (``[tool.flwr.app.config]`` + ``--run-config``):
-            ``fedmed-config`` (YAML path), ``run-dir``, ``resume``, ``strategy``, ``rounds``.
-        cfg: the config (simulation passes it; else read from ``fedmed-config``).
-        run_dir: an already created run directory (simulation); else ``run-dir`` is
-            created here.
-        resume: overrides the run config's ``resume``.
-        on_round: progress callback.
-
-    Raises:
-        FedMedError: bad config, run directory in use, resume mismatch.
-    """
-    from fedmed.federation.site import _resolve_app_path
-
-    do_resume = _run_config_flag(run_config.get("resume", False)) if resume is None else resume
-    if run_dir is None:
-        if cfg is None:
-            path = run_config.get(CFG_KEY)
-            if not path:
-                raise FederationError(
-                    f"the run config has no {CFG_KEY!r}: set it in [tool.flwr.app.config] of "
-                    "pyproject.toml or pass --run-config \"fedmed-config='fed.yaml'\""
-                )
-            cfg = load_config(_resolve_app_path(str(path)))
-        cfg = apply_overrides(
-            cfg, strategy=str(run_config.get("strategy") or "") or None,
-            rounds=int(run_config.get("rounds") or 0) or None,
-        )
-        target = _resolve_app_path(str(run_config.get("run-dir") or "runs/flwr-run"))
-        run = RunDir.create(target, cfg, resume=do_resume)
-        if do_resume:
-            dump_config(cfg, run.path / "config.yaml")
-    else:
-        if cfg is None:
-            raise FederationError("serve: run_dir given without its config")
-        run = RunDir(run_dir)
-    if cfg.secure_aggregation.enabled:
-        # SecAgg+ lives on Flower's legacy path; same run directory, metrics and summary.
-        from fedmed.federation.secagg import SecAggCoordinator
-
-        coordinator: Coordinator = SecAggCoordinator(
-            cfg, run, resume=do_resume, on_round=on_round, run_config=run_config
-        )
-    else:
-        coordinator = Coordinator(cfg, run, resume=do_resume, on_round=on_round)
-    return coordinator.run_rounds(grid)
-
-
-def make_server_app(
-    *,
-    cfg: FederationConfig | None = None,
-    run_dir: Path | None = None,
-    resume: bool | None = None,
-    on_round: RoundCallback | None = None,
-) -> Any:
-    """The fedmed ``ServerApp`` (``server/app.py`` uses the defaults: all from run config).
-
-    Args:
-        cfg: bind a config (simulation); default: the run config's ``fedmed-config``.
-        run_dir: bind an already created run directory (simulation).
-        resume: bind ``--resume``; default: the run config's ``resume``.
-        on_round: progress callback (simulation, in-process).
-    """
-    from flwr.serverapp import ServerApp
-
-    app = ServerApp()
-
-    @app.main()
-    def _main(grid: Any, context: Any) -> None:
-        serve(grid, context.run_config, cfg=cfg, run_dir=run_dir, resume=resume,
-              on_round=on_round)
-
-    return app
-
-
-__all__ = [
-    "CHECKPOINT_FILE",
-    "Coordinator",
-    "apply_overrides",
-    "make_server_app",
-    "record_bytes",
-    "resolved_config",
-    "serve",
-]
+__all__ = ["Coordinator", "RoundCallback", "resolved_config"]

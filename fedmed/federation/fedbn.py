@@ -5,7 +5,8 @@ How fedmed does it (the design choice the issue asked to document):
 - The server sends the full global weights (so a site that joins late starts from a
   complete model).
 - A site overwrites the received normalisation tensors with its own (kept from its last
-  round: in ``context.state`` and, to survive restarts, in ``<state-dir>/fedbn``), trains,
+  round: in ``context.state`` and, to survive restarts, in ``<state-dir>/fedbn``; see
+  :mod:`fedmed.federation.site_state`), trains,
   and replies with **only the shared tensors**: its normalisation layers never leave it.
 - :class:`FedBN` averages the shared tensors weighted by cases (FedAvg) and keeps the
   global model's normalisation tensors untouched. The global model (central evaluation,
@@ -17,26 +18,12 @@ How fedmed does it (the design choice the issue asked to document):
 
 from __future__ import annotations
 
-import re
-from collections.abc import Collection, Iterable, Mapping
-from pathlib import Path
+from collections.abc import Collection, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-
-FEDBN_DIR = "fedbn"
-_FILE = re.compile(r"^norm-round(\d+)\.npz$")
-
-
-def split_norm(
-    weights: Mapping[str, np.ndarray], norm_keys: Collection[str]
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``(shared, norm)``: the weights split by whether their name is a normalisation key."""
-    shared = {k: v for k, v in weights.items() if k not in norm_keys}
-    norm = {k: v for k, v in weights.items() if k in norm_keys}
-    return shared, norm
 
 
 class FedBN(FedAvg):
@@ -80,45 +67,4 @@ class FedBN(FedAvg):
         return merged, metrics
 
 
-# -- the site side: its own normalisation tensors, per round, on disk -----------------------
-
-
-def save_site_norm(state_dir: Path, server_round: int, norm: Mapping[str, np.ndarray]) -> Path:
-    """Store a site's normalisation tensors after ``server_round`` (atomic; keeps the last 2).
-
-    Per-round files make a resumed round reproducible: a round that is re-run after a
-    coordinator restart starts from the tensors of the round before it, not its own.
-    """
-    d = state_dir / FEDBN_DIR
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"norm-round{server_round:05d}.npz"
-    tmp = d / f".norm-round{server_round:05d}.tmp.npz"
-    np.savez(tmp, **{k: np.asarray(v) for k, v in norm.items()})  # type: ignore[arg-type]
-    tmp.replace(path)
-    rounds = sorted(_rounds(d))
-    for r in rounds[:-2]:
-        (d / f"norm-round{r:05d}.npz").unlink(missing_ok=True)
-    return path
-
-
-def _rounds(d: Path) -> list[int]:
-    out = []
-    if d.is_dir():
-        for p in d.iterdir():
-            m = _FILE.match(p.name)
-            if m:
-                out.append(int(m.group(1)))
-    return out
-
-
-def load_site_norm(state_dir: Path, before_round: int) -> dict[str, np.ndarray] | None:
-    """The site's normalisation tensors of the latest round before ``before_round``, if any."""
-    d = state_dir / FEDBN_DIR
-    rounds = [r for r in _rounds(d) if r < before_round]
-    if not rounds:
-        return None
-    with np.load(d / f"norm-round{max(rounds):05d}.npz") as data:
-        return {k: data[k] for k in data.files}
-
-
-__all__ = ["FedBN", "load_site_norm", "save_site_norm", "split_norm"]
+__all__ = ["FedBN"]

@@ -7,6 +7,9 @@ Layout (DESIGN.md)::
     RUN/summary.json     mode, dice_mean, dice_per_class, hd95_mean, per_site, wall_seconds, ...
     RUN/model.pt         weights + model config + preprocessing settings (``fedmed predict``)
     RUN/logs/            text logs
+    RUN/run-id           the run's name towards the sites (folder name + random suffix)
+    RUN/tb/              TensorBoard event files (when tensorboard is installed)
+    RUN/mlruns/, RUN/mlflow-run-id   MLflow store and run id (with --tracking mlflow)
 
 No Flower import here: the centralized baseline writes run directories too.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -79,7 +83,25 @@ class RunDir:
         (run.path / "logs").mkdir(parents=True, exist_ok=True)
         if not resume:
             dump_config(cfg, run.path / "config.yaml")
+        if not resume or not run.run_id_path.is_file():
+            run.run_id_path.write_text(f"{run.path.name}-{secrets.token_hex(6)}\n")
         return run
+
+    @property
+    def run_id_path(self) -> Path:
+        """``run-id``: the run's name towards the sites."""
+        return self.path / "run-id"
+
+    @property
+    def run_id(self) -> str:
+        """The run's name towards the sites (kept on ``--resume``).
+
+        The folder's name plus a random suffix, so two runs in folders of the same name
+        never share a site's per-run state.
+        """
+        if self.run_id_path.is_file():
+            return self.run_id_path.read_text().strip()
+        return self.path.name
 
     @property
     def metrics_path(self) -> Path:

@@ -2,8 +2,11 @@
 
 :func:`run_federated` is what ``fedmed simulate`` and ``fedmed compare`` call. It runs the
 same ServerApp and ClientApp as a deployment (``server/app.py``, ``client/app.py``), with
-the config and run directory bound in, one virtual SuperNode per site
-(``partition-id`` -> ``cfg.sites[i]``), and each site's state in ``RUN/sites/<site>``.
+the config and run directory bound in and one virtual SuperNode per site
+(``partition-id`` -> ``cfg.sites[i]``). Each simulated site takes its folders and policy
+from the researcher's config, never from the coordinator's messages, and keeps its state
+(fixed split, lifetime privacy ledger, per-run state) in its state folder across runs,
+as a hospital would (``sites[].state_dir``, default ``<site>/.fedmed-state``).
 
 Ray is started with only the resources the sites need (``federation.client_resources``
 times the number of sites trained at once), quietly (no dashboard, worker logs not
@@ -30,9 +33,11 @@ from typing import Any
 
 from fedmed.config import FederationConfig, dump_config
 from fedmed.errors import ConfigError
-from fedmed.federation.coordinator import RoundCallback, apply_overrides, make_server_app
+from fedmed.federation.client_app import make_client_app
+from fedmed.federation.coordinator import RoundCallback
 from fedmed.federation.rundir import RunDir
-from fedmed.federation.site import make_client_app
+from fedmed.federation.server_app import apply_overrides, make_server_app
+from fedmed.federation.site import simulated_sites
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +155,7 @@ def run_federated(
     if resume:
         dump_config(cfg, run.path / "config.yaml")
     server_app = make_server_app(cfg=cfg, run_dir=run.path, resume=resume, on_round=on_round)
-    client_app = make_client_app(state_root=(run.path / "sites").resolve())
+    client_app = make_client_app(sites=simulated_sites(cfg))
     backend = backend_config(cfg, ray_address=ray_address)
     _simulate(server_app, client_app, len(cfg.sites), backend, verbose=verbose)
     return run.read_summary()

@@ -1,75 +1,143 @@
-"""The site side of the federation: everything a ClientApp does.
+"""The site's work, without Flower types: train or evaluate the global model on its data.
 
 :func:`train_site` and :func:`evaluate_site` are plain functions (config, site, NumPy
 weights in; NumPy weights and numbers out) so they can be tested and reused without
-Flower; :func:`handle_train` / :func:`handle_evaluate` translate Flower messages to and from
-them, and :func:`make_client_app` wires them into a ``ClientApp``.
+Flower; :mod:`fedmed.federation.client_app` translates Flower messages to and from them
+(through :mod:`fedmed.federation.protocol`).
 
-Where a site's settings come from (same code in simulation and deployment):
+Where a site's folders and policy come from -- never from the coordinator's messages:
 
 - Deployment: the SuperNode's node config, ``flower-supernode --node-config
-  "data-dir='/data/site' site-name='hospital-a' device='cuda' cache-dir='...'
-  state-dir='/var/lib/fedmed'"``; only ``data-dir`` is required (the site name defaults
-  to its folder name).
-- Simulation: Flower's ``partition-id`` picks ``cfg.sites[partition_id]``.
-- The federation config itself travels in every message from the coordinator (key
-  ``fedmed-config``, JSON), so a site needs no copy of the coordinator's YAML; when a
-  message lacks it, the run config's ``fedmed-config`` path is read instead.
+  "data-dir='/srv/imaging/fedmed' cache-dir='/var/cache/fedmed' state-dir='/var/lib/fedmed'
+  policy='/etc/fedmed/site-policy.yaml' site-name='hospital-a' device='cuda'"``
+  (:func:`site_from_node_config`; ``data-dir``, ``cache-dir``, ``state-dir`` and
+  ``policy`` are required).
+- Simulation: the researcher's federation config, one :class:`SiteSpec` per site
+  (:func:`simulated_sites`), picked by Flower's ``partition-id``.
 
-State that outlives a round: FedBN's normalisation tensors (``context.state`` in process,
-``<state-dir>/fedbn`` on disk) and the DP ledger (kept by the trainer in ``state-dir``).
-In simulation ``state-dir`` is ``<run-dir>/sites/<site>``.
+State that outlives a round or a run lives in the site's state folder
+(:mod:`fedmed.federation.site_state`): its fixed data split, the privacy ledger of its
+dataset, the last global weights it received, FedBN's normalisation tensors, Ditto's
+personal model. Personalisation (Ditto, fine-tuning, the final round) is
+:mod:`fedmed.federation.personal`, built from the pieces here (:func:`build_trainer`,
+:func:`load_cases`, :func:`set_weights`, :func:`site_seed`, :func:`dp_plan_epochs`).
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from fedmed.config import FederationConfig, config_from_dict, load_config
-from fedmed.errors import FederationError
-from fedmed.federation import compression
-from fedmed.federation.fedbn import load_site_norm, save_site_norm, split_norm
-from fedmed.training.ledger import safe_name
+from fedmed.config import FederationConfig
+from fedmed.errors import FederationError, PolicyError
+from fedmed.federation.site_state import run_state_dir, split_norm
+from fedmed.policy import ReasonCode, SitePolicy, load_policy, refuse, site_policy_for
 
 log = logging.getLogger(__name__)
 
-# Keys of the message protocol between coordinator and sites.
-CFG_KEY = "fedmed-config"
-ROUND_KEY = "server-round"
-TOTAL_ROUNDS_KEY = "total-rounds"
-LOCAL_EPOCHS_KEY = "local-epochs"
-MU_KEY = "proximal-mu"
-STRATEGY_KEY = "strategy"
-RUN_NAME_KEY = "run-name"
-INFO_KEY = "fedmed"  # reply ConfigRecord: site name, compression metadata, skip reason
-METRICS_KEY = "metrics"
+NODE_CONFIG_KEYS = ("data-dir", "cache-dir", "state-dir", "policy", "site-name", "device")
+"""What a SuperNode's node config may name for fedmed."""
 
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """Where one site's data, cache and state are.
+    """One site as it knows itself: its folders, its device and its policy.
 
     Attributes:
-        name: the site's name (metrics, ledger).
-        data_dir: its data folder; ``None``: ``cfg.site_dir(name)``.
-        cache_dir: preprocessed-case cache; ``None``: the data module's default.
-        state_dir: state that must survive restarts (FedBN norms, DP ledger).
+        name: the site's name (metrics, logs).
+        data_dir: its data folder.
+        cache_dir: its preprocessed-case cache; ``None``: ``<data_dir>/.fedmed-cache``.
+        state_dir: what must survive restarts and runs (split, ledger, FedBN norms).
+        policy: the site policy it enforces.
         device: ``cpu`` / ``cuda`` / ``None`` (the config's ``training.device``).
     """
 
     name: str
-    data_dir: Path | None = None
-    cache_dir: Path | None = None
-    state_dir: Path | None = None
+    data_dir: Path
+    cache_dir: Path | None
+    state_dir: Path
+    policy: SitePolicy
     device: str | None = None
+
+
+def _path(value: Any) -> Path:
+    return Path(str(value)).expanduser()
+
+
+def site_from_node_config(node_config: Mapping[str, Any]) -> SiteSpec:
+    """The site a deployed SuperNode stands for, from its node config alone.
+
+    Raises:
+        RequestRefused: ``site-not-configured`` (a folder is not named) or ``no-policy``
+            (no policy named, or it cannot be read); the detail, for the site's log, says
+            how to fix it.
+    """
+    missing = [k for k in ("data-dir", "cache-dir", "state-dir") if not node_config.get(k)]
+    if missing:
+        refuse(ReasonCode.SITE_NOT_CONFIGURED,
+               f"the SuperNode's node config lacks {missing}; start it with --node-config "
+               "\"data-dir='/srv/imaging/fedmed' cache-dir='/var/cache/fedmed' "
+               "state-dir='/var/lib/fedmed' policy='/etc/fedmed/site-policy.yaml'\"")
+    if not node_config.get("policy"):
+        refuse(ReasonCode.NO_POLICY,
+               "this SuperNode has no site policy, so it takes part in nothing; create one "
+               "with `fedmed site policy init --out /etc/fedmed/site-policy.yaml`, review it, "
+               "and name it in the node config: policy='/etc/fedmed/site-policy.yaml'")
+    try:
+        policy = load_policy(_path(node_config["policy"]))
+    except PolicyError as exc:
+        refuse(ReasonCode.NO_POLICY, str(exc))
+        raise  # unreachable: refuse raises
+    data_dir = _path(node_config["data-dir"])
+    device = node_config.get("device") or None
+    return SiteSpec(
+        name=str(node_config.get("site-name") or policy.site or data_dir.name),
+        data_dir=data_dir, cache_dir=_path(node_config["cache-dir"]),
+        state_dir=_path(node_config["state-dir"]), policy=policy,
+        device=None if device is None else str(device),
+    )
+
+
+def simulated_sites(cfg: FederationConfig) -> list[SiteSpec]:
+    """Every site of a simulation, as the researcher's config places them on this machine.
+
+    Raises:
+        PolicyError: a policy file that a site's entry names is missing or invalid.
+    """
+    cache = cfg.preprocessing.cache_dir
+    return [
+        SiteSpec(
+            name=s.name, data_dir=cfg.site_dir(s.name),
+            cache_dir=cfg.resolve(cache) if cache is not None else None,
+            state_dir=cfg.site_state_dir(s.name), policy=site_policy_for(cfg, s.name),
+        )
+        for s in cfg.sites
+    ]
+
+
+def site_for_node(node_config: Mapping[str, Any], sites: Sequence[SiteSpec] | None) -> SiteSpec:
+    """The site a node stands for: ``sites[partition-id]`` in simulation, else its node config.
+
+    Raises:
+        FederationError: a partition id with no site.
+        RequestRefused: see :func:`site_from_node_config`.
+    """
+    if sites is None:
+        return site_from_node_config(node_config)
+    pid = int(node_config.get("partition-id", -1))
+    if not 0 <= pid < len(sites):
+        raise FederationError(
+            f"simulation partition-id {pid} has no site: the federation config names "
+            f"{len(sites)} sites; run the simulation with num-supernodes = {len(sites)}"
+        )
+    return sites[pid]
 
 
 @dataclass(frozen=True)
@@ -95,91 +163,127 @@ class SiteTrainResult:
     skipped: str | None = None
 
 
-def _opt_path(value: Any) -> Path | None:
-    return Path(str(value)).expanduser() if value not in (None, "") else None
-
-
-def site_from_node_config(
-    cfg: FederationConfig,
-    node_config: Mapping[str, Any],
-    *,
-    state_root: Path | None = None,
-) -> SiteSpec:
-    """The site a node stands for.
-
-    Args:
-        cfg: the federation config.
-        node_config: Flower's ``context.node_config``: ``data-dir`` (+ optional
-            ``site-name``, ``device``, ``cache-dir``, ``state-dir``) in deployment,
-            ``partition-id`` in simulation.
-        state_root: simulation: per-site state goes to ``state_root / <site>``.
-
-    Raises:
-        FederationError: neither ``data-dir`` nor ``partition-id``, or a partition id with
-            no matching site.
-    """
-    device = node_config.get("device") or None
-    if node_config.get("data-dir"):
-        data_dir = Path(str(node_config["data-dir"])).expanduser()
-        name = str(node_config.get("site-name") or data_dir.name)
-        state = _opt_path(node_config.get("state-dir"))
-        if state is None and state_root is not None:
-            state = state_root / name
-        return SiteSpec(
-            name=name, data_dir=data_dir, cache_dir=_opt_path(node_config.get("cache-dir")),
-            state_dir=state, device=None if device is None else str(device),
-        )
-    if "partition-id" in node_config:
-        pid = int(node_config["partition-id"])
-        if not 0 <= pid < len(cfg.sites):
-            raise FederationError(
-                f"simulation partition-id {pid} has no site: the federation config names "
-                f"{len(cfg.sites)} sites {cfg.site_names}; run the simulation with "
-                f"num-supernodes = {len(cfg.sites)}"
-            )
-        name = cfg.sites[pid].name
-        state = _opt_path(node_config.get("state-dir"))
-        if state is None and state_root is not None:
-            state = state_root / name
-        return SiteSpec(
-            name=name, data_dir=None, cache_dir=_opt_path(node_config.get("cache-dir")),
-            state_dir=state, device=None if device is None else str(device),
-        )
-    raise FederationError(
-        "this SuperNode has no data-dir in its node config; start it with "
-        "--node-config \"data-dir='/path/to/site/data'\" (optional: site-name, device, "
-        "cache-dir, state-dir)"
-    )
-
-
-def _site_seed(cfg: FederationConfig, site: str, server_round: int) -> int:
+def site_seed(cfg: FederationConfig, site: str, server_round: int) -> int:
+    """The seed of a site's patch draws in a round."""
     # Stable across processes (unlike hash()): sites draw different patches, reproducibly.
     return cfg.training.seed + (zlib.crc32(site.encode()) % 100_003) + 1_000_003 * server_round
 
 
-def _build(cfg: FederationConfig, spec: SiteSpec, run_name: str) -> Any:
+def split_ids(cfg: FederationConfig, spec: SiteSpec) -> dict[str, list[str]]:
+    """The site's fixed train / val / test case ids (from its manifest; no voxel is read)."""
+    from fedmed.data.dataset import SiteSplit, site_split_ids
+
+    return site_split_ids(cfg, spec.name, data_dir=spec.data_dir,
+                          fixed=SiteSplit(spec.state_dir, spec.policy.data))
+
+
+def dataset_id(spec: SiteSpec, case_ids: Sequence[str]) -> str:
+    """The site's dataset in the lifetime ledger.
+
+    The policy's ``dataset_id``, else a hash of the sorted case ids (adding or removing
+    cases makes another dataset).
+    """
+    given = spec.policy.privacy.dataset_id
+    if given:
+        return given
+    digest = hashlib.sha256("\n".join(sorted(case_ids)).encode()).hexdigest()
+    return f"cases-{digest[:16]}"
+
+
+def ledger_dir(spec: SiteSpec, parts: Mapping[str, Sequence[str]]) -> Path:
+    """Where this dataset's privacy ledgers are: ``<state-dir>/privacy/<dataset>``."""
+    from fedmed.training.ledger import dataset_ledger_dir
+
+    return dataset_ledger_dir(spec.state_dir, dataset_id(spec, [c for p in parts.values()
+                                                                for c in p]))
+
+
+def dp_plan_epochs(cfg: FederationConfig, total_rounds: int, local_epochs: int) -> int:
+    """The local epochs of DP training a site plans for a whole run: the noise plan's length.
+
+    The rounds' epochs, plus the personal model's: Ditto trains as many again, fine-tuning
+    ``personalization_epochs``. With ``target_epsilon``, sigma is planned so that all of
+    them together reach it (without personalisation: the rounds' epochs, as before).
+    """
+    fed = cfg.federation
+    rounds = total_rounds * local_epochs
+    if fed.personalization == "ditto":
+        return 2 * rounds
+    if fed.personalization == "finetune":
+        return rounds + fed.personalization_epochs
+    return rounds
+
+
+def check_privacy_budget(
+    cfg: FederationConfig, spec: SiteSpec, *, num_cases: int, local_epochs: int,
+    total_rounds: int, ledgers: Path, run_name: str, train_epochs: int | None = None,
+) -> None:
+    """The DP checks that need the case count: sigma's floor and the lifetime cap.
+
+    Made from the number of training cases alone, before any image is read; nothing is
+    written (a refused request leaves the ledger as it was). ``train_epochs`` are the
+    epochs this request trains (default: a round's, twice under Ditto, whose personal model
+    trains as long as the global update).
+
+    Raises:
+        RequestRefused: ``noise-below-floor`` or ``epsilon-cap-reached``.
+        PrivacyError: the target epsilon is unreachable, or a ledger is unreadable.
+    """
+    privacy = cfg.privacy_for(spec.name)
+    if not privacy.enabled:
+        return
+    from fedmed.training.dp import noise_multiplier_for, sample_rate_for, steps_per_epoch
+    from fedmed.training.ledger import PrivacyLedger, lifetime_epsilon
+
+    if train_epochs is None:
+        ditto = cfg.federation.personalization == "ditto"
+        train_epochs = local_epochs * (2 if ditto else 1)
+    q = sample_rate_for(privacy, num_cases)
+    spe = steps_per_epoch(q)
+    ledger = PrivacyLedger.open(ledgers, run_name, spec.name, accountant=privacy.accountant,
+                                delta=privacy.delta)
+    plan = dp_plan_epochs(cfg, total_rounds, local_epochs)
+    sigma = noise_multiplier_for(privacy, q, plan * spe, ledger)
+    spec.policy.check_noise(sigma)
+    spent = lifetime_epsilon(ledgers, privacy.delta, [(sigma, q, train_epochs * spe)])
+    spec.policy.check_lifetime_epsilon(spent)
+
+
+def build_trainer(
+    cfg: FederationConfig, spec: SiteSpec, run_name: str, ledgers: Path, *,
+    optimizer_file: str | None = "optimizer.pt",
+) -> Any:
+    """The site's ``LocalTrainer`` for a run (its ledgers; its device).
+
+    ``optimizer_file``: where, in the run's state folder, the optimiser's moments are kept
+    across rounds when ``federation.keep_optimizer_state`` (``None``: never kept).
+    """
     from fedmed.models import build_model
     from fedmed.training.trainer import LocalTrainer
 
     model = build_model(cfg.model, len(cfg.modalities), cfg.num_classes)
     optimizer_state = None
-    if spec.state_dir is not None:
-        spec.state_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.federation.keep_optimizer_state:
-            optimizer_state = spec.state_dir / f"optimizer-{safe_name(run_name)}.pt"
+    if cfg.federation.keep_optimizer_state and optimizer_file is not None:
+        optimizer_state = run_state_dir(spec.state_dir, run_name) / optimizer_file
     return LocalTrainer(
-        cfg, model, device=spec.device, site=spec.name, state_dir=spec.state_dir,
+        cfg, model, device=spec.device, site=spec.name, state_dir=ledgers,
         run_id=run_name, optimizer_state=optimizer_state,
     )
 
 
-def _load_cases(cfg: FederationConfig, spec: SiteSpec, split: Literal["train", "val"]) -> list[Any]:
-    from fedmed.data.dataset import load_site_cases
+def load_cases(
+    cfg: FederationConfig, spec: SiteSpec, split: Literal["train", "val", "test"]
+) -> list[Any]:
+    """The site's preprocessed cases of one part of its fixed split (through its cache)."""
+    from fedmed.data.dataset import SiteSplit, load_site_cases
 
-    return load_site_cases(cfg, spec.name, split, cache_dir=spec.cache_dir, data_dir=spec.data_dir)
+    return load_site_cases(cfg, spec.name, split, cache_dir=spec.cache_dir,
+                           data_dir=spec.data_dir,
+                           fixed=SiteSplit(spec.state_dir, spec.policy.data))
 
 
-def _set_weights(trainer: Any, weights: Mapping[str, np.ndarray]) -> None:
+def set_weights(trainer: Any, weights: Mapping[str, np.ndarray]) -> None:
+    """Load NumPy weights into the trainer's model (copied: cached arrays are read-only)."""
     import torch
 
     trainer.set_weights({k: torch.from_numpy(np.array(v, copy=True)) for k, v in weights.items()})
@@ -208,10 +312,12 @@ def train_site(
     """One round of local training at a site.
 
     The learning-rate schedule runs over the whole federation: this round's epochs are
-    ``(server_round - 1) * local_epochs ...`` of ``total_rounds * local_epochs``.
+    ``(server_round - 1) * local_epochs ...`` of ``total_rounds * local_epochs``. Under DP
+    the policy's floor on sigma and its lifetime cap are checked from the case count
+    before any image is read.
 
     Args:
-        cfg: the federation config (as sent by the coordinator).
+        cfg: the run plan, completed with the site's own settings.
         spec: the site.
         global_weights: the round's global weights.
         server_round: 1-based round number.
@@ -220,31 +326,37 @@ def train_site(
         mu: FedProx proximal coefficient (0: none).
         own_norm: FedBN: the site's own normalisation tensors from its last round.
         fedbn: keep normalisation tensors local (reply without them).
-        run_name: identifies the run in the DP ledger.
+        run_name: identifies the run (its own ledger figures, per-run state).
 
     Returns:
         ``(result, norm)``: what to send, and (FedBN) the site's new normalisation tensors
         to keep.
 
     Raises:
+        RequestRefused: the policy forbids the DP settings or the budget.
         FedMedError: the site's data cannot be loaded or training fails.
     """
     from fedmed.training.trainer import seed_everything
 
-    cases = _load_cases(cfg, spec, "train")
-    seed = _site_seed(cfg, spec.name, server_round)
+    parts = split_ids(cfg, spec)
+    ledgers = ledger_dir(spec, parts)
+    check_privacy_budget(cfg, spec, num_cases=len(parts["train"]), local_epochs=local_epochs,
+                         total_rounds=total_rounds, ledgers=ledgers, run_name=run_name)
+    cases = load_cases(cfg, spec, "train")
+    seed = site_seed(cfg, spec.name, server_round)
     seed_everything(seed)
-    trainer = _build(cfg, spec, run_name)
+    trainer = build_trainer(cfg, spec, run_name, ledgers)
     weights = {k: np.asarray(v) for k, v in global_weights.items()}
     norm_keys = norm_keys_of(trainer) if fedbn else set()
     if fedbn and own_norm:
         weights.update({k: np.asarray(v) for k, v in own_norm.items() if k in norm_keys})
-    _set_weights(trainer, weights)
+    set_weights(trainer, weights)
     reference = trainer.get_weights() if mu > 0 else None
     fit = trainer.fit(
         cases, local_epochs, reference=reference, mu=mu,
         start_epoch=(server_round - 1) * local_epochs,
         total_epochs=total_rounds * local_epochs, round_index=server_round, seed=seed,
+        plan_epochs=dp_plan_epochs(cfg, total_rounds, local_epochs),
     )
     if fit.skipped:
         return SiteTrainResult(
@@ -271,224 +383,43 @@ def evaluate_site(
 ) -> tuple[Any, int]:
     """Metrics of the global model on the site's validation cases.
 
-    With FedBN the site's own normalisation tensors replace the global ones.
+    With FedBN the site's own normalisation tensors replace the global ones. The policy's
+    k is checked on the number of validation cases before any image is read.
 
     Returns:
         ``(EvalResult, number of validation cases)``.
 
     Raises:
-        FederationError: the site has no validation cases.
+        RequestRefused: ``too-few-cases-for-metric``.
     """
-    cases = _load_cases(cfg, spec, "val")
-    if not cases:
-        raise FederationError(
-            f"site {spec.name}: no validation cases to evaluate on (training.val_fraction "
-            f"{cfg.training.val_fraction})"
-        )
-    trainer = _build(cfg, spec, run_name)
+    parts = split_ids(cfg, spec)
+    spec.policy.check_cases_for_metric(len(parts["val"]))
+    cases = load_cases(cfg, spec, "val")
+    trainer = build_trainer(cfg, spec, run_name, ledger_dir(spec, parts))
     weights = {k: np.asarray(v) for k, v in global_weights.items()}
     if own_norm:
         keys = norm_keys_of(trainer)
         weights.update({k: np.asarray(v) for k, v in own_norm.items() if k in keys})
-    _set_weights(trainer, weights)
+    set_weights(trainer, weights)
     # The per-round federated evaluation reports Dice; HD95 would double its cost.
     return trainer.evaluate(cases, hd95=False), len(cases)
-
-
-# -- Flower adapters ------------------------------------------------------------------------
-
-
-def _config_from_message(
-    config: Mapping[str, Any], run_config: Mapping[str, Any]
-) -> FederationConfig:
-    text = config.get(CFG_KEY)
-    if isinstance(text, str) and text:
-        return config_from_dict(json.loads(text))
-    path = run_config.get(CFG_KEY)
-    if not path:
-        raise FederationError(
-            "the coordinator's message carries no federation config and the run config has "
-            f"no {CFG_KEY!r} path"
-        )
-    return load_config(_resolve_app_path(str(path)))
-
-
-def _resolve_app_path(path: str) -> Path:
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    app_root = Path(__file__).resolve().parents[2]  # the folder holding pyproject.toml
-    return app_root / p
-
-
-def _norm_from_state(state: Any, before_round: int) -> dict[str, np.ndarray] | None:
-    """FedBN tensors kept in ``context.state`` from a round before ``before_round``."""
-    from flwr.app import ArrayRecord, ConfigRecord
-
-    meta = state.get("fedbn-meta") if "fedbn-meta" in state else None
-    arrays = state.get("fedbn-norm") if "fedbn-norm" in state else None
-    if isinstance(meta, ConfigRecord) and isinstance(arrays, ArrayRecord):
-        kept = meta.get("round", 0)
-        if isinstance(kept, int) and kept < before_round:
-            return {k: a.numpy() for k, a in arrays.items()}
-    return None
-
-
-def _own_norm(context: Any, spec: SiteSpec, before_round: int) -> dict[str, np.ndarray] | None:
-    norm = _norm_from_state(context.state, before_round)
-    if norm is None and spec.state_dir is not None:
-        norm = load_site_norm(spec.state_dir, before_round)
-    return norm
-
-
-def _keep_norm(
-    context: Any, spec: SiteSpec, server_round: int, norm: dict[str, np.ndarray]
-) -> None:
-    from flwr.app import Array, ArrayRecord, ConfigRecord
-
-    context.state["fedbn-norm"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in norm.items()})
-    context.state["fedbn-meta"] = ConfigRecord({"round": server_round})
-    if spec.state_dir is not None:
-        save_site_norm(spec.state_dir, server_round, norm)
-
-
-def _received(message: Any) -> tuple[dict[str, np.ndarray], Mapping[str, Any]]:
-    content = message.content
-    arrays = content["arrays"]
-    config = content["config"] if "config" in content else {}
-    return {k: a.numpy() for k, a in arrays.items()}, config
-
-
-def handle_train(message: Any, context: Any, *, state_root: Path | None = None) -> Any:
-    """Flower train handler: global weights in, trained (compressed) weights + metrics out.
-
-    Reply: ``arrays`` (ArrayRecord, compressed per ``cfg.compression``), ``metrics``
-    (``num-examples`` = training cases, ``train-loss``, ``epsilon``/``delta`` for DP) and
-    ``fedmed`` (ConfigRecord: ``site``, compression metadata, ``skipped`` reason). A site
-    whose fit is skipped replies without arrays, with the reason.
-    """
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-
-    global_weights, config = _received(message)
-    cfg = _config_from_message(config, context.run_config)
-    root = _state_root(context, state_root)
-    spec = site_from_node_config(cfg, context.node_config, state_root=root)
-    server_round = int(config.get(ROUND_KEY, 1))
-    fedbn = str(config.get(STRATEGY_KEY, cfg.federation.strategy)) == "fedbn"
-    own = _own_norm(context, spec, server_round) if fedbn else None
-    result, norm = train_site(
-        cfg, spec, global_weights,
-        server_round=server_round,
-        total_rounds=int(config.get(TOTAL_ROUNDS_KEY, cfg.federation.rounds)),
-        local_epochs=int(config.get(LOCAL_EPOCHS_KEY, cfg.federation.local_epochs)),
-        mu=float(config.get(MU_KEY, 0.0)),
-        own_norm=own, fedbn=fedbn, run_name=str(config.get(RUN_NAME_KEY, "run")),
-    )
-    info: dict[str, Any] = {"site": spec.name}
-    metrics: dict[str, Any] = {
-        "num-examples": int(result.num_cases), "train-loss": float(result.loss),
-        "seconds": float(result.seconds),
-    }
-    if result.epsilon is not None:
-        metrics["epsilon"] = float(result.epsilon)
-    if result.delta is not None:
-        metrics["delta"] = float(result.delta)
-    if result.skipped:
-        info["skipped"] = result.skipped
-        log.warning("site %s: no update this round: %s", spec.name, result.skipped)
-        content = RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: ConfigRecord(info)})
-        return Message(content, reply_to=message)
-    if norm is not None:
-        _keep_norm(context, spec, server_round, norm)
-    comp = cfg.compression
-    payload, meta = compression.compress(result.weights, global_weights, comp.kind, comp.deltas)
-    info.update({f"compression-{k}": v for k, v in meta.items()})
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.items()}),
-        METRICS_KEY: MetricRecord(metrics),
-        INFO_KEY: ConfigRecord(info),
-    })
-    return Message(content, reply_to=message)
-
-
-def handle_evaluate(message: Any, context: Any, *, state_root: Path | None = None) -> Any:
-    """Flower evaluate handler: Dice of the global model on the site's validation cases.
-
-    Reply metrics: ``num-examples`` (validation cases), ``dice`` (mean over foreground
-    classes), ``dice-<class>`` per class, ``hd95``; ``fedmed`` ConfigRecord names the site.
-    """
-    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-
-    global_weights, config = _received(message)
-    cfg = _config_from_message(config, context.run_config)
-    root = _state_root(context, state_root)
-    spec = site_from_node_config(cfg, context.node_config, state_root=root)
-    server_round = int(config.get(ROUND_KEY, 1))
-    fedbn = str(config.get(STRATEGY_KEY, cfg.federation.strategy)) == "fedbn"
-    own = _own_norm(context, spec, server_round + 1) if fedbn else None
-    result, n = evaluate_site(
-        cfg, spec, global_weights, own_norm=own, run_name=str(config.get(RUN_NAME_KEY, "run"))
-    )
-    metrics: dict[str, Any] = {"num-examples": int(n), "dice": _num(result.dice_mean),
-                               "hd95": _num(result.hd95_mean)}
-    for cls, value in result.dice_per_class.items():
-        metrics[f"dice-{cls}"] = _num(value)
-    content = RecordDict({
-        METRICS_KEY: MetricRecord(metrics), INFO_KEY: ConfigRecord({"site": spec.name}),
-    })
-    return Message(content, reply_to=message)
-
-
-def _num(value: float) -> float:
-    # MetricRecord values must be numbers; NaN (e.g. a class absent everywhere) stays NaN.
-    return float(value)
-
-
-def _state_root(context: Any, state_root: Path | None) -> Path | None:
-    if state_root is not None:
-        return state_root
-    run_dir = context.run_config.get("run-dir") if context.run_config else None
-    # Only in simulation does the coordinator's run folder exist on the site's machine.
-    if run_dir and "partition-id" in context.node_config:
-        return _resolve_app_path(str(run_dir)) / "sites"
-    return None
-
-
-def make_client_app(*, state_root: Path | None = None) -> Any:
-    """The fedmed ``ClientApp``.
-
-    Args:
-        state_root: simulation: keep each site's state under ``state_root / <site>``
-            (default: ``<run-dir>/sites`` from the run config in simulation, the node
-            config's ``state-dir`` in deployment).
-    """
-    from flwr.clientapp import ClientApp
-
-    app = ClientApp()
-
-    @app.train()
-    def _train(message: Any, context: Any) -> Any:
-        from fedmed.federation import secagg
-
-        if secagg.is_secagg_message(message):  # a SecAgg+ stage (secure_aggregation on)
-            return secagg.handle_secagg_train(message, context, state_root=state_root)
-        return handle_train(message, context, state_root=state_root)
-
-    @app.evaluate()
-    def _evaluate(message: Any, context: Any) -> Any:
-        return handle_evaluate(message, context, state_root=state_root)
-
-    return app
 
 
 __all__ = [
     "SiteSpec",
     "SiteTrainResult",
+    "build_trainer",
+    "check_privacy_budget",
+    "dp_plan_epochs",
     "evaluate_site",
-    "handle_evaluate",
-    "handle_train",
-    "make_client_app",
+    "ledger_dir",
+    "load_cases",
     "norm_keys_of",
+    "set_weights",
+    "simulated_sites",
+    "site_for_node",
     "site_from_node_config",
+    "site_seed",
+    "split_ids",
     "train_site",
 ]

@@ -27,11 +27,9 @@ from flwr.serverapp.strategy import (
 from fedmed.config import FederationConfig
 from fedmed.errors import ConfigError
 from fedmed.federation.fedbn import FedBN
+from fedmed.federation.protocol import ARRAYS_KEY, CONFIG_KEY, WEIGHT_KEY
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "fedbn")
-WEIGHT_KEY = "num-examples"
-ARRAYS_KEY = "arrays"
-CONFIG_KEY = "config"
 
 # Attributes of Flower's strategies that change as rounds go by (FedOpt family).
 _STATEFUL = ("m_t", "v_t")
@@ -99,11 +97,6 @@ def build_strategy(
     return FedBN(norm_keys, **common)
 
 
-def strategy_name(strategy: Strategy) -> str:
-    """The config name of a strategy built by :func:`build_strategy`."""
-    return type(strategy).__name__.lower()
-
-
 def strategy_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
     """What the strategy has accumulated over rounds (FedAdam/FedYogi moments), as NumPy."""
     out: dict[str, dict[str, np.ndarray]] = {}
@@ -123,13 +116,4 @@ def restore_strategy_state(
             setattr(strategy, attr, {k: np.asarray(v) for k, v in value.items()})
 
 
-__all__ = [
-    "ARRAYS_KEY",
-    "CONFIG_KEY",
-    "STRATEGIES",
-    "WEIGHT_KEY",
-    "build_strategy",
-    "restore_strategy_state",
-    "strategy_name",
-    "strategy_state",
-]
+__all__ = ["STRATEGIES", "build_strategy", "restore_strategy_state", "strategy_state"]

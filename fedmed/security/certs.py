@@ -1,6 +1,6 @@
-"""Certificates and keys for a Flower 1.41 deployment, made with ``cryptography``.
+"""Certificates and keys for a Flower 1.42 deployment, made with ``cryptography``.
 
-Three kinds of material, each in the exact format Flower 1.41 reads:
+Two kinds of material, each in the exact format Flower 1.42 reads:
 
 - TLS: a private CA (self-signed, ``basicConstraints CA:TRUE``) and the SuperLink's server
   key + certificate signed by it, with ``subjectAltName`` = the server name and every extra
@@ -11,9 +11,10 @@ Three kinds of material, each in the exact format Flower 1.41 reads:
   ``cryptography``'s ``load_ssh_private_key`` (so it must be in OpenSSH format), and
   ``flwr supernode register`` loads the public key with ``load_ssh_public_key``
   (``ecdsa-sha2-nistp384 AAAA...``).
-- App trust: an Ed25519 key pair (OpenSSH format) for a reviewer who signs app bundles with
-  ``flwr app review``; SuperNodes list trusted reviewers' public keys in a
-  ``--trusted-entities`` YAML file (``{public_key_id: "ssh-ed25519 ..."}``).
+
+Which app bundles may run at a hospital is the hospital's site policy
+(:mod:`fedmed.security.approval`), not a signing key: Flower's ``--trusted-entities``
+verifies only Flower Hub signatures.
 
 Private keys are created with mode 0600 at ``open`` time, never widened and then narrowed.
 Existing files are never overwritten unless ``force`` is given.
@@ -25,35 +26,30 @@ import datetime as _dt
 import ipaddress
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmed.errors import SecurityError
 
 __all__ = [
     "CertPaths",
-    "PublisherKeyPaths",
     "SiteKeyPaths",
-    "create_publisher_keys",
     "create_site_keys",
     "init_ca_and_server",
     "parse_san",
     "registration_command",
-    "write_trusted_entities",
 ]
 
 _PRIVATE_MODE = 0o600
 _PUBLIC_MODE = 0o644
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_TRUSTED_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
 @dataclass(frozen=True)
@@ -81,19 +77,6 @@ class SiteKeyPaths:
         private_key: OpenSSH-format ECDSA P-384 private key (0600), stays at the site.
         public_key: OpenSSH-format public key (``ecdsa-sha2-nistp384 ...``), sent to the
             coordinator for ``flwr supernode register``.
-    """
-
-    private_key: Path
-    public_key: Path
-
-
-@dataclass(frozen=True)
-class PublisherKeyPaths:
-    """Files written by :func:`create_publisher_keys`.
-
-    Attributes:
-        private_key: OpenSSH-format Ed25519 private key (0600) used by ``flwr app review``.
-        public_key: ``ssh-ed25519 ...`` public key for the sites' trusted-entities file.
     """
 
     private_key: Path
@@ -231,7 +214,35 @@ def init_ca_and_server(
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedmed federation CA")])
-    ca_cert = (
+    ca_cert = _ca_certificate(ca_key, ca_name, not_before, not_after)
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = _server_certificate(
+        server_key, server_name, names, (ca_key, ca_name), not_before, not_after
+    )
+
+    _write_new(paths.ca_key, _pem_private(ca_key), _PRIVATE_MODE, force)
+    _write_new(paths.server_key, _pem_private(server_key), _PRIVATE_MODE, force)
+    pem = serialization.Encoding.PEM
+    _write_new(paths.ca_cert, ca_cert.public_bytes(pem), _PUBLIC_MODE, force)
+    _write_new(paths.server_cert, server_cert.public_bytes(pem), _PUBLIC_MODE, force)
+    return paths
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    """A CA signs certificates and CRLs; a TLS server signs and agrees keys."""
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=not cert_sign, key_cert_sign=cert_sign,
+        crl_sign=cert_sign, encipher_only=False, decipher_only=False,
+    )
+
+
+def _ca_certificate(
+    ca_key: ec.EllipticCurvePrivateKey, ca_name: x509.Name,
+    not_before: _dt.datetime, not_after: _dt.datetime,
+) -> x509.Certificate:
+    """The federation's self-signed CA certificate (may sign server certificates only)."""
+    return (
         x509.CertificateBuilder()
         .subject_name(ca_name)
         .issuer_name(ca_name)
@@ -240,26 +251,20 @@ def init_ca_and_server(
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(cert_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA384())
     )
 
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = (
+
+def _server_certificate(
+    server_key: ec.EllipticCurvePrivateKey, server_name: str, names: list[x509.GeneralName],
+    issuer: tuple[ec.EllipticCurvePrivateKey, x509.Name],
+    not_before: _dt.datetime, not_after: _dt.datetime,
+) -> x509.Certificate:
+    """A TLS server certificate for ``server_name`` (+ ``names``) signed by the CA."""
+    ca_key, ca_name = issuer
+    return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_name)]))
         .issuer_name(ca_name)
@@ -268,20 +273,7 @@ def init_ca_and_server(
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(
@@ -292,13 +284,6 @@ def init_ca_and_server(
         )
         .sign(ca_key, hashes.SHA384())
     )
-
-    _write_new(paths.ca_key, _pem_private(ca_key), _PRIVATE_MODE, force)
-    _write_new(paths.server_key, _pem_private(server_key), _PRIVATE_MODE, force)
-    pem = serialization.Encoding.PEM
-    _write_new(paths.ca_cert, ca_cert.public_bytes(pem), _PUBLIC_MODE, force)
-    _write_new(paths.server_cert, server_cert.public_bytes(pem), _PUBLIC_MODE, force)
-    return paths
 
 
 def _check_name(name: str, what: str) -> None:
@@ -340,7 +325,7 @@ def create_site_keys(out: Path | str, name: str, *, force: bool = False) -> Site
 def registration_command(public_key: Path | str, site_name: str, connection: str) -> list[str]:
     """The coordinator's command that registers a site's public key with the SuperLink.
 
-    Flower 1.41 has no key list file: ``flower-superlink --enable-supernode-auth`` only
+    Flower 1.42 has no key list file: ``flower-superlink --enable-supernode-auth`` only
     accepts SuperNodes whose public key was registered through the Control API with
     ``flwr supernode register PUBLIC_KEY CONNECTION --name NAME``.
 
@@ -353,84 +338,6 @@ def registration_command(public_key: Path | str, site_name: str, connection: str
         The argv list.
     """
     return ["flwr", "supernode", "register", str(public_key), connection, "--name", site_name]
-
-
-def create_publisher_keys(
-    out: Path | str, name: str, *, force: bool = False
-) -> PublisherKeyPaths:
-    """Create an Ed25519 key pair (OpenSSH format) for signing app bundles.
-
-    ``flwr app review`` asks for this private key when a reviewer approves an app version
-    on Flower Hub; sites put the public key in their ``--trusted-entities`` file.
-
-    Args:
-        out: Output directory (created if missing).
-        name: Reviewer/publisher name; files are ``NAME`` and ``NAME.pub``.
-        force: Replace existing files.
-
-    Returns:
-        The written paths.
-
-    Raises:
-        SecurityError: Invalid name, or a file exists and ``force`` is false.
-    """
-    _check_name(name, "publisher")
-    out = _make_dir(Path(out))
-    paths = PublisherKeyPaths(private_key=out / name, public_key=out / f"{name}.pub")
-    _check_targets([paths.private_key, paths.public_key], force)
-    _write_openssh_pair(ed25519.Ed25519PrivateKey.generate(), paths, name, force)
-    return paths
-
-
-def write_trusted_entities(
-    path: Path | str, entities: Mapping[str, str], *, force: bool = False
-) -> Path:
-    """Write the YAML file ``flower-supernode --trusted-entities`` reads.
-
-    The file maps each public-key ID (the ``public_key_id`` Flower Hub assigned to the
-    reviewer's key, e.g. ``fpk_...``) to an ``ssh-ed25519`` public key. Every key is
-    checked with the same loader and type test as Flower (Ed25519 only).
-
-    Args:
-        path: Output YAML file.
-        entities: ``{public_key_id: "ssh-ed25519 AAAA... comment"}``.
-        force: Replace an existing file.
-
-    Returns:
-        ``path``.
-
-    Raises:
-        SecurityError: Empty mapping, malformed ID, non-Ed25519 or unreadable key, or the
-            file exists and ``force`` is false.
-    """
-    if not entities:
-        raise SecurityError("trusted entities: expected at least one public key, got none")
-    clean: dict[str, str] = {}
-    for key_id, public_key in entities.items():
-        if not _TRUSTED_ID.fullmatch(key_id):
-            raise SecurityError(
-                f"trusted entity ID {key_id!r}: expected the public_key_id Flower Hub shows "
-                "for the reviewer's key (letters, digits, '_', '-', '.', ':')"
-            )
-        text = public_key.strip()
-        try:
-            loaded = serialization.load_ssh_public_key(text.encode("utf-8"))
-        except (ValueError, TypeError) as exc:
-            raise SecurityError(
-                f"trusted entity {key_id}: expected an OpenSSH public key line "
-                f"('ssh-ed25519 AAAA...'), could not parse it ({exc})"
-            ) from exc
-        if not isinstance(loaded, ed25519.Ed25519PublicKey):
-            raise SecurityError(
-                f"trusted entity {key_id}: Flower 1.41 accepts only Ed25519 keys, got "
-                f"{type(loaded).__name__}; create one with `fedmed certs publisher`"
-            )
-        clean[key_id] = text
-    target = Path(path).expanduser()
-    _make_dir(target.parent)
-    data = yaml.safe_dump(clean, default_flow_style=False, sort_keys=True).encode()
-    _write_new(target, data, _PUBLIC_MODE, force)
-    return target
 
 
 def _write_openssh_pair(key: Any, paths: Any, comment: str, force: bool) -> None:

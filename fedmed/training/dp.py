@@ -1,21 +1,23 @@
-"""Patient-level differential privacy: DP-SGD (Opacus) on top of :class:`LocalTrainer`.
+"""Patient-level differential privacy: what DP-SGD (Opacus) changes in the shared loop.
 
-The privacy unit is the patient (case). Every DP step:
+The privacy unit is the patient (case). A DP fit runs the same
+:class:`~fedmed.training.loop.EpochLoop` as plain training, with the same loss builder
+(per-patient form), schedule and epoch log; this module supplies only what differs:
 
-1. draws a Poisson sample of patients (each independently with probability
-   ``q = expected_batch_size / num_cases``, capped at 1) with Opacus'
-   :class:`~opacus.utils.uniform_sampler.UniformWithReplacementSampler`;
-2. takes exactly one patch per sampled patient (so a patient contributes at most one
-   example to a step, whatever ``patches_per_case`` says for non-private training);
-3. computes per-patient gradients (:class:`opacus.GradSampleModule`), clips each to
-   ``max_grad_norm`` and adds Gaussian noise of std ``noise_multiplier * max_grad_norm``
-   (:class:`opacus.optimizers.DPOptimizer`). Empty Poisson batches are real steps: they
-   release pure noise and are counted by the accountant.
-
-Accounting is ours, not the PrivacyEngine's: each site's composition is kept in the
-:mod:`fedmed.training.ledger` on disk for the whole run (all rounds), so epsilon is the
-run's, not one round's, and survives client restarts. A site whose next round would take
-it past ``max_epsilon`` trains no further and says so in :attr:`FitResult.skipped`.
+1. the data loader (:mod:`fedmed.training.dp_loader`): every step draws a Poisson sample
+   of patients (each independently with probability ``q = expected_batch_size /
+   num_cases``, capped at 1) with Opacus' ``UniformWithReplacementSampler`` and takes
+   exactly one patch per sampled patient (so a patient contributes at most one example to
+   a step, whatever ``patches_per_case`` says for non-private training);
+2. the optimiser (:meth:`PrivatePlan.attach`): per-patient gradients
+   (``opacus.GradSampleModule``), clipped to ``max_grad_norm`` with Gaussian noise of std
+   ``noise_multiplier * max_grad_norm`` added (``opacus.optimizers.DPOptimizer`` around the
+   configured optimiser). Empty Poisson batches are real steps: they release pure noise and
+   are counted by the accountant;
+3. the accounting (:class:`PrivatePlan`): each site's composition is kept in the
+   :mod:`fedmed.training.ledger` on disk for the whole run (all rounds), so epsilon is the
+   run's, not one round's, and survives client restarts. A site whose next round would take
+   it past ``max_epsilon`` trains no further and says so in ``FitResult.skipped``.
 
 Randomness: the patient sampling and the noise are drawn from generators seeded from OS
 entropy (or ``torchcsprng`` with ``privacy.secure_rng``), never from ``training.seed`` --
@@ -25,30 +27,24 @@ bit-reproducible, on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import secrets
-import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from fedmed.config import PrivacyConfig
 from fedmed.errors import PrivacyError
+from fedmed.training.dp_loader import PatientLoader, patient_loader
 from fedmed.training.ledger import PrivacyLedger
 
-if TYPE_CHECKING:
-    from fedmed.data.preprocess import PreprocessedCase
-    from fedmed.training.trainer import FitResult, LocalTrainer
-
 log = logging.getLogger(__name__)
-
-StepCallback = Callable[[list[int]], None]
-"""Called with the case indices of every DP step (tests and audits)."""
 
 
 def sample_rate_for(privacy: PrivacyConfig, num_cases: int) -> float:
@@ -152,42 +148,6 @@ def make_generator(secure: bool, device: torch.device | str = "cpu") -> torch.Ge
     return gen
 
 
-def poisson_batches(
-    num_cases: int, sample_rate: float, steps: int, generator: torch.Generator
-) -> Iterator[list[int]]:
-    """``steps`` Poisson samples of case indices (each case independently with prob. ``q``).
-
-    A case appears at most once per batch; batches may be empty.
-    """
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
-    sampler = UniformWithReplacementSampler(
-        num_samples=num_cases, sample_rate=sample_rate, generator=generator, steps=steps
-    )
-    yield from sampler
-
-
-def per_patient_loss(trainer: LocalTrainer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Dice + CE as the *mean of per-patient losses* (Dice per sample, ``batch=False``).
-
-    The trainer's own loss pools Dice over the batch (``batch=True``), which makes one
-    patient's gradient depend on the others' data and breaks the per-example sensitivity
-    bound DP-SGD relies on; this one decomposes over the batch.
-    """
-    from monai.losses import DiceCELoss
-
-    lc = trainer.cfg.training.loss
-    weight = (
-        torch.tensor(lc.class_weights, dtype=torch.float32, device=trainer.device)
-        if lc.class_weights is not None
-        else None
-    )
-    return DiceCELoss(
-        to_onehot_y=True, softmax=True, lambda_dice=lc.dice_weight, lambda_ce=lc.ce_weight,
-        weight=weight, batch=False,
-    )
-
-
 def check_model(model: nn.Module) -> None:
     """Raise if Opacus cannot compute exact per-sample gradients for ``model``.
 
@@ -205,206 +165,257 @@ def check_model(model: nn.Module) -> None:
         )
 
 
-def open_ledger(trainer: LocalTrainer) -> PrivacyLedger:
-    """The trainer's site ledger (``trainer.state_dir``, default ``./.fedmed-state``)."""
-    privacy = trainer.privacy
-    return PrivacyLedger.open(
-        trainer.state_dir, trainer.run_id, trainer.site,
-        accountant=privacy.accountant, delta=privacy.delta,
-    )
+@dataclass
+class PrivateSteps:
+    """What the shared epoch loop needs to run DP-SGD steps (see :meth:`PrivatePlan.attach`).
 
-
-def _collate(items: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    return torch.utils.data.default_collate(items)
-
-
-def fit_private(
-    trainer: LocalTrainer,
-    cases: list[PreprocessedCase],
-    epochs: int,
-    *,
-    start_epoch: int = 0,
-    total_epochs: int | None = None,
-    round_index: int | None = None,
-    reference: Mapping[str, torch.Tensor] | None = None,
-    mu: float = 0.0,
-    on_step: StepCallback | None = None,
-) -> FitResult:
-    """Train ``trainer.model`` on ``cases`` with patient-level DP-SGD for ``epochs`` epochs.
-
-    Args:
-        trainer: the local trainer (model, device, optimiser factory, config, privacy,
-            site, state_dir, run_id).
-        cases: the site's training cases, one per patient.
-        epochs: local epochs; an epoch is ``ceil(1/q)`` Poisson steps.
-        start_epoch: global index of the first epoch (learning-rate schedule).
-        total_epochs: planned epochs of the whole run (federated: rounds * local epochs);
-            sigma from ``target_epsilon`` is planned over this many epochs. Default
-            ``start_epoch + epochs``.
-        round_index: federated round, stored in the ledger and metric lines.
-        reference: global weights of the FedProx proximal term.
-        mu: proximal coefficient (0: off).
-        on_step: called with the sampled case indices of every step (auditing, tests).
-
-    Returns:
-        :class:`FitResult` with the site's epsilon spent so far (after this fit) and its
-        delta; ``skipped`` set (and no training done) when the next round would exceed the
-        site's ``max_epsilon``.
-
-    Raises:
-        PrivacyError: the model is not DP-compatible, the target epsilon is unreachable,
-            ``secure_rng`` without torchcsprng, or the ledger is unreadable/mismatched.
+    Attributes:
+        module: Opacus' ``GradSampleModule`` around the model (per-patient gradients).
+        optimizer: Opacus' ``DPOptimizer`` around the configured optimiser: clip, noise,
+            account (and FedProx's pull) in its step.
+        averaged: the moving average of the iterates (``privacy.weight_averaging``), or
+            ``None``.
+        decay: the average's decay.
     """
-    from opacus import GradSampleModule
-    from opacus.accountants import RDPAccountant
-    from opacus.optimizers import DPOptimizer
 
-    from fedmed.training.trainer import FitResult, lr_factor
+    module: nn.Module
+    optimizer: Any
+    averaged: list[torch.Tensor] | None
+    decay: float
 
-    started = time.perf_counter()
-    privacy = trainer.privacy
-    t = trainer.cfg.training
-    n = len(cases)
-    q = sample_rate_for(privacy, n)
-    spe = steps_per_epoch(q)
-    steps = epochs * spe
-    planned_epochs = max(total_epochs or 0, start_epoch + epochs)
-    ledger = open_ledger(trainer)
-    sigma = noise_multiplier_for(privacy, q, planned_epochs * spe, ledger)
+    def before_step(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """Give every parameter a per-patient gradient, zero where the batch gave none.
 
-    # budget: refuse the whole round rather than stop half-way (a partial round would still
-    # spend privacy and return a worse model)
-    budget = max_epsilon_of(privacy)
-    would = ledger.epsilon_if([(sigma, q, steps)])
-    if budget is not None and would > budget * (1 + 1e-9):
+        An empty Poisson batch (or a parameter unused by these patients) has zero
+        per-sample gradients: the step still adds noise and is counted.
+        """
+        rows = len(batch["case_index"])
+        for p in self.optimizer.params:
+            if getattr(p, "grad_sample", None) is None:
+                p.grad_sample = torch.zeros((rows, *p.shape), device=p.device, dtype=p.dtype)
+
+    def after_step(self) -> None:
+        """Move the average towards the new iterate (post-processing: no privacy cost)."""
+        if self.averaged is None:
+            return
+        with torch.no_grad():
+            for a, p in zip(self.averaged, self.optimizer.params, strict=True):
+                a.lerp_(p.detach(), 1.0 - self.decay)
+
+    def keep_average(self) -> None:
+        """Load the average into the model: what the site keeps and sends."""
+        if self.averaged is None:
+            return
+        with torch.no_grad():
+            for a, p in zip(self.averaged, self.optimizer.params, strict=True):
+                p.copy_(a)
+
+
+@dataclass
+class PrivatePlan:
+    """The privacy side of one DP fit: sampling rate, steps, noise, budget and ledger.
+
+    Build it with :meth:`make`; :meth:`refusal` says whether the budget allows the fit,
+    :meth:`loader` gives the Poisson patient loader and :meth:`attach` the DP optimiser
+    (recording the steps it noised in the ledger when it ends).
+
+    Attributes:
+        privacy: the site's DP settings.
+        ledger: the site's privacy ledger.
+        num_cases: patients (the privacy unit).
+        sample_rate: Poisson sampling rate ``q``.
+        steps_per_epoch: DP steps per epoch, ``ceil(1 / q)``.
+        noise_multiplier: sigma.
+        epochs: local epochs of this fit.
+        round_index: federated round (``None`` outside a federation).
+        steps_taken: noised steps recorded by :meth:`attach`.
+        generator: draws the patient sampling (and, on CPU, the noise); made on first use.
+    """
+
+    privacy: PrivacyConfig
+    ledger: PrivacyLedger
+    num_cases: int
+    sample_rate: float
+    steps_per_epoch: int
+    noise_multiplier: float
+    epochs: int
+    round_index: int | None
+    steps_taken: int = 0
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def make(
+        cls,
+        privacy: PrivacyConfig,
+        ledger: PrivacyLedger,
+        *,
+        num_cases: int,
+        epochs: int,
+        total_epochs: int,
+        round_index: int | None,
+    ) -> PrivatePlan:
+        """Plan a fit of ``epochs`` epochs; sigma from a target is planned over ``total_epochs``.
+
+        Raises:
+            PrivacyError: no cases, or the target epsilon is unreachable.
+        """
+        q = sample_rate_for(privacy, num_cases)
+        spe = steps_per_epoch(q)
+        sigma = noise_multiplier_for(privacy, q, total_epochs * spe, ledger)
+        return cls(privacy, ledger, num_cases, q, spe, sigma, epochs, round_index)
+
+    @property
+    def log_fields(self) -> dict[str, Any]:
+        """Extra fields of the epoch log lines."""
+        return {
+            "dp_steps": self.steps_per_epoch,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+        }
+
+    def refusal(self) -> str | None:
+        """Why the fit must not run (it would exceed the budget), recorded; else ``None``.
+
+        The whole round is refused rather than stopped half-way: a partial round would
+        still spend privacy and return a worse model.
+        """
+        budget = max_epsilon_of(self.privacy)
+        steps = self.epochs * self.steps_per_epoch
+        would = self.ledger.epsilon_if([(self.noise_multiplier, self.sample_rate, steps)])
+        if budget is None or would <= budget * (1 + 1e-9):
+            return None
         reason = (
             f"privacy budget exhausted: epsilon would reach {would:.3f} > max {budget:.3f} "
-            f"(delta={privacy.delta}); the site has spent {ledger.epsilon():.3f}"
+            f"(delta={self.privacy.delta}); the site has spent {self.ledger.epsilon():.3f}"
         )
-        log.warning("site %s round %s: %s", trainer.site, round_index, reason)
-        ledger.record_skip(round_index, reason)
-        return FitResult(
-            loss=math.nan, steps=0, num_cases=0, seconds=time.perf_counter() - started,
-            epsilon=ledger.epsilon(), delta=privacy.delta, skipped=reason,
+        log.warning("site %s round %s: %s", self.ledger.site, self.round_index, reason)
+        self.ledger.record_skip(self.round_index, reason)
+        return reason
+
+    def sampling_generator(self) -> torch.Generator:
+        """The generator of the patient sampling: OS entropy, or ``torchcsprng``.
+
+        Raises:
+            PrivacyError: ``secure_rng`` without torchcsprng.
+        """
+        if self.generator is None:
+            self.generator = make_generator(self.privacy.secure_rng)
+        return self.generator
+
+    def loader(self, patches: Any, num_workers: int = 0) -> PatientLoader:
+        """The Poisson patient loader over ``patches`` (see :mod:`fedmed.training.dp_loader`)."""
+        return patient_loader(
+            patches, self.sample_rate, self.steps_per_epoch, self.sampling_generator(),
+            num_workers,
         )
 
-    plain = trainer.model
-    check_model(plain)
-    generator = make_generator(privacy.secure_rng)  # patient sampling (CPU)
-    noise_generator = (
-        generator
-        if privacy.secure_rng or trainer.device.type == "cpu"
-        else make_generator(False, trainer.device)
-    )
-    loss_fn = per_patient_loss(trainer)
-    ppc = trainer.cfg.preprocessing.patches_per_case
-    # the trainer's dataset holds patches_per_case items per case, case i first at i * ppc;
-    # we take exactly one of them per sampled patient
-    dataset = trainer.patch_dataset(cases, seed=t.seed, train=True)
-    ref = (
-        {k: v.detach().to(trainer.device) for k, v in reference.items()}
-        if reference is not None and mu > 0
-        else None
-    )
-    ref_of = (
-        {id(p): ref[name] for name, p in plain.named_parameters() if name in ref}
-        if ref is not None
-        else {}
-    )
+    @contextlib.contextmanager
+    def attach(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        reference: Mapping[str, torch.Tensor] | None = None,
+        mu: float = 0.0,
+    ) -> Iterator[PrivateSteps]:
+        """Wrap ``model`` and ``optimizer`` for DP-SGD for the duration of the ``with`` block.
 
-    gsm = GradSampleModule(plain, batch_first=True, loss_reduction="mean", strict=True)
-    optimizer = DPOptimizer(
-        trainer.make_optimizer([p for p in plain.parameters() if p.requires_grad]),
-        noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm,
-        expected_batch_size=q * n, loss_reduction="mean", generator=noise_generator,
-        secure_mode=privacy.secure_rng,
-    )
-    # Opacus' own accountant counts the steps the optimiser actually noised; the ledger
-    # records that count, so a step cannot go unaccounted
-    counter = RDPAccountant()
-    optimizer.attach_step_hook(counter.get_optimizer_hook_fn(sample_rate=q))
+        The optimiser must be over the model's trainable parameters. On exit the model is
+        unwrapped (it keeps its own parameter names), the average of the iterates is loaded
+        (``privacy.weight_averaging``, after a successful block) and the steps actually
+        noised are recorded in the ledger, even when training failed half-way.
 
-    total_steps = max(1, planned_epochs * spe)
-    step = start_epoch * spe
-    decay = privacy.weight_averaging
-    averaged = (
-        [p.detach().clone() for p in optimizer.params] if decay > 0 else None
-    )
-    epoch_loss = math.nan
-    gsm.train()
-    try:
-        for e in range(epochs):
-            epoch = start_epoch + e
-            ep_started = time.perf_counter()
-            losses: list[float] = []
-            for idx in poisson_batches(n, q, spe, generator):
-                optimizer.zero_grad(set_to_none=True)
-                used: list[int] = []
-                if idx:
-                    # fresh patch draws per step: a patient sampled twice in an epoch gets
-                    # two different patches
-                    dataset.set_epoch(step)
-                    batch = _collate([dataset[i * ppc] for i in idx])
-                    used = [int(c) for c in batch["case_index"]]
-                    x = batch["image"].to(trainer.device)
-                    avail = batch["available"].to(trainer.device)
-                    with warnings.catch_warnings():
-                        # inputs never require grad; Opacus' full backward hooks say so
-                        warnings.filterwarnings("ignore", message="Full backward hook")
-                        logits = gsm(x, avail)
-                        loss = loss_fn(logits.float(), batch["label"].to(trainer.device))
-                        loss.backward()
-                    losses.append(float(loss.detach()))
-                if on_step is not None:
-                    on_step(used)
-                for p in optimizer.params:
-                    # an empty Poisson batch (or a parameter unused by these patients) has
-                    # zero per-sample gradients: the step still adds noise and is counted
-                    if getattr(p, "grad_sample", None) is None:
-                        p.grad_sample = torch.zeros(
-                            (len(idx), *p.shape), device=p.device, dtype=p.dtype
-                        )
-                for g in optimizer.param_groups:
-                    g["lr"] = t.learning_rate * lr_factor(t.schedule, step / total_steps)
-                if optimizer.pre_step():  # clip, sum, noise, scale, account
-                    for p in optimizer.params:
-                        r = ref_of.get(id(p))
-                        if r is not None and p.grad is not None:
-                            # FedProx: the gradient of mu/2 ||w - w_ref||^2 depends only on
-                            # released weights, not on any patient -> post-processing, no
-                            # clipping/noise needed and no privacy cost
-                            p.grad.add_(p.detach() - r, alpha=mu)
-                    optimizer.original_optimizer.step()
-                    if averaged is not None:
-                        with torch.no_grad():
-                            for a, p in zip(averaged, optimizer.params, strict=True):
-                                a.lerp_(p.detach(), 1.0 - decay)
-                step += 1
-            epoch_loss = float(np.mean(losses)) if losses else math.nan
-            trainer._log_epoch(
-                epoch=epoch + 1, loss=epoch_loss, round_index=round_index,
-                lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - ep_started,
-                cases=n, dp_steps=spe, noise_multiplier=sigma, sample_rate=q,
-            )
-        if averaged is not None:
-            with torch.no_grad():
-                for a, p in zip(averaged, optimizer.params, strict=True):
-                    p.copy_(a)
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        trainer.model = gsm.to_standard_module()
-        taken = sum(s for _, _, s in counter.history)
-        if taken:
-            # recorded even when training failed half-way: noisy steps were taken
-            entry = ledger.record(
-                round_index=round_index, steps=taken, sample_rate=q, noise_multiplier=sigma,
-                epochs=epochs, num_cases=n, max_grad_norm=privacy.max_grad_norm,
-            )
-            log.info(
-                "site %s round %s: DP fit %d steps q=%.4g sigma=%.4g -> epsilon %.3f (delta %g)",
-                trainer.site, round_index, taken, q, sigma, entry.epsilon, privacy.delta,
-            )
-    return FitResult(
-        loss=epoch_loss, steps=taken, num_cases=n, seconds=time.perf_counter() - started,
-        epsilon=ledger.epsilon(), delta=privacy.delta,
-    )
+        Raises:
+            PrivacyError: the model is not DP-compatible, or ``secure_rng`` without
+                torchcsprng.
+        """
+        from opacus import GradSampleModule
+        from opacus.accountants import RDPAccountant
+        from opacus.optimizers import DPOptimizer
+
+        check_model(model)
+        noise = (
+            self.sampling_generator()
+            if self.privacy.secure_rng or device.type == "cpu"
+            else make_generator(False, device)
+        )
+        module = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+        dp_optimizer = DPOptimizer(
+            optimizer, noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.privacy.max_grad_norm,
+            expected_batch_size=self.sample_rate * self.num_cases, loss_reduction="mean",
+            generator=noise, secure_mode=self.privacy.secure_rng,
+        )
+        # Opacus' own accountant counts the steps the optimiser actually noised; the ledger
+        # records that count, so a step cannot go unaccounted
+        counter = RDPAccountant()
+        dp_optimizer.attach_step_hook(
+            _step_hook(counter.get_optimizer_hook_fn(sample_rate=self.sample_rate),
+                       _proximal_pull(model, reference, mu))
+        )
+        decay = self.privacy.weight_averaging
+        averaged = [p.detach().clone() for p in dp_optimizer.params] if decay > 0 else None
+        steps = PrivateSteps(module, dp_optimizer, averaged, decay)
+        try:
+            with warnings.catch_warnings():
+                # inputs never require grad; Opacus' full backward hooks say so
+                warnings.filterwarnings("ignore", message="Full backward hook")
+                yield steps
+            steps.keep_average()
+        finally:
+            dp_optimizer.zero_grad(set_to_none=True)
+            module.to_standard_module()
+            self._record(sum(s for _, _, s in counter.history))
+
+    def _record(self, taken: int) -> None:
+        self.steps_taken = taken
+        if not taken:
+            return
+        # recorded even when training failed half-way: noisy steps were taken
+        entry = self.ledger.record(
+            round_index=self.round_index, steps=taken, sample_rate=self.sample_rate,
+            noise_multiplier=self.noise_multiplier, epochs=self.epochs,
+            num_cases=self.num_cases, max_grad_norm=self.privacy.max_grad_norm,
+        )
+        log.info(
+            "site %s round %s: DP fit %d steps q=%.4g sigma=%.4g -> epsilon %.3f (delta %g)",
+            self.ledger.site, self.round_index, taken, self.sample_rate,
+            self.noise_multiplier, entry.epsilon, self.privacy.delta,
+        )
+
+
+def _proximal_pull(
+    model: nn.Module, reference: Mapping[str, torch.Tensor] | None, mu: float
+) -> Callable[[Any], None] | None:
+    """FedProx for DP-SGD: add ``mu (w - w_ref)`` to the noised gradients.
+
+    The gradient of ``mu/2 ||w - w_ref||^2`` depends only on released weights, not on any
+    patient: post-processing, no clipping or noise needed and no privacy cost. (Plain
+    training adds the term to the loss instead; here it would be clipped per patient.)
+    """
+    if reference is None or mu <= 0:
+        return None
+    ref_of = {
+        id(p): reference[name].detach().to(p.device)
+        for name, p in model.named_parameters()
+        if name in reference
+    }
+
+    def pull(optimizer: Any) -> None:
+        for p in optimizer.params:
+            r = ref_of.get(id(p))
+            if r is not None and p.grad is not None:
+                p.grad.add_(p.detach() - r, alpha=mu)
+
+    return pull
+
+
+def _step_hook(*hooks: Callable[[Any], None] | None) -> Callable[[Any], None]:
+    """One DPOptimizer step hook (it takes one) that runs ``hooks`` in order."""
+
+    def hook(optimizer: Any) -> None:
+        for h in hooks:
+            if h is not None:
+                h(optimizer)
+
+    return hook

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmed.data.io import Image, read_image, write_label_like
+from fedmed.data.io import Image
 from fedmed.errors import FedMedError
 from fedmed.training.checkpoint import LoadedModel
 
@@ -81,11 +81,9 @@ def predict_images(
     """
     import torch
 
-    from fedmed.data.preprocess import (
-        PreprocessSettings,
-        labels_from_probabilities_on,
-        preprocess_images,
-    )
+    from fedmed.data.geometry import labels_from_probabilities_on
+    from fedmed.data.planning import plan_preprocessing
+    from fedmed.data.preprocess import preprocess_images
     from fedmed.training.trainer import LocalTrainer
 
     cfg = loaded.cfg
@@ -95,7 +93,7 @@ def predict_images(
     if missing:
         log.warning("predicting without %s (the model treats them as unavailable)", missing)
     reference = images[next(m for m in cfg.modalities if m in images)]
-    settings = PreprocessSettings.from_config(cfg, target_spacing=loaded.target_spacing)
+    settings = plan_preprocessing(cfg, target_spacing=loaded.target_spacing)
     pre = preprocess_images(dict(images), settings)
     trainer = LocalTrainer(cfg, loaded.model, device=device)
     # Probabilities, not labels, go back to the scan's grid (linear interpolation, argmax
@@ -108,13 +106,6 @@ def predict_images(
     if cfg.training.postprocess_lcc:
         label = trainer.largest_components(label)
     return Prediction(np.asarray(label, dtype=np.uint8), reference, missing)
-
-
-def predict_files(loaded: LoadedModel, images: Mapping[str, Path], out: Path) -> Prediction:
-    """Read the scans, segment them and write the mask in the input's exact geometry."""
-    pred = predict_images(loaded, {m: read_image(p) for m, p in images.items()})
-    write_label_like(out, pred.label, pred.reference)
-    return pred
 
 
 def split_channels(image: Image, modalities: Sequence[str]) -> dict[str, Image]:

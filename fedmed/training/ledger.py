@@ -1,6 +1,7 @@
 """The privacy ledger: each site's DP-SGD composition, on disk, across rounds and restarts.
 
-A site's ledger lives in its state directory as ``ledger-<run_id>-<site>.json`` and holds
+A site's ledgers live in its state folder under ``privacy/<dataset>/``
+(:func:`dataset_ledger_dir`), one ``ledger-<run_id>-<site>.json`` per run; each holds
 the explicit composition of every DP fit of the run: one entry per fit with its round,
 steps, Poisson sampling rate, noise multiplier and the epsilon after it. Epsilon is never
 carried over as a number: it is recomputed from that history by a fresh Opacus accountant
@@ -9,6 +10,10 @@ anyone can re-derive the figure from the file alone.
 
 The file is rewritten atomically (temporary file, ``fsync``, ``os.replace``) after every
 fit, so a crash leaves either the old or the new ledger, never a torn one.
+
+The **lifetime** budget of a dataset composes every run's ledger in that folder
+(:func:`lifetime_epsilon`): it is keyed by the dataset, not by a run name, so a new run
+name starts a new per-run ledger but continues the dataset's lifetime ε.
 
 Example::
 
@@ -333,6 +338,67 @@ class PrivacyLedger:
             }
         )
         self.save()
+
+
+PRIVACY_DIR = "privacy"
+
+
+def dataset_ledger_dir(state_dir: Path, dataset_id: str) -> Path:
+    """``<state_dir>/privacy/<dataset_id>``: the ledgers of every run on one dataset."""
+    return Path(state_dir) / PRIVACY_DIR / safe_name(dataset_id)
+
+
+def lifetime_history(folder: Path) -> list[HistoryItem]:
+    """The composition of every run's ledger in a dataset's ledger folder.
+
+    Raises:
+        PrivacyError: a ledger there is unreadable (never skipped: that would reset ε).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [h for p in sorted(folder.glob("ledger-*.json")) for h in PrivacyLedger.load(p).history]
+
+
+def lifetime_epsilon(
+    folder: Path, delta: float, more: Sequence[HistoryItem] = (), accountant: str = "rdp"
+) -> float:
+    """ε of a dataset over every run so far (and ``more``), at ``delta``."""
+    return compute_epsilon([*lifetime_history(folder), *more], delta, accountant)
+
+
+def lifetime_report(state_dir: Path) -> list[dict[str, Any]]:
+    """Every dataset's lifetime ε in a site's state folder, and each run's share.
+
+    Returns:
+        One dict per dataset: ``dataset``, ``delta`` and ``epsilon`` (the lifetime
+        composition at the smallest δ any run used), ``steps``, and ``runs`` (``run_id``,
+        ``site``, ``epsilon`` of that run alone, ``steps``), oldest ledger first.
+
+    Raises:
+        PrivacyError: no ``privacy/`` folder there, or an unreadable ledger.
+    """
+    root = Path(state_dir) / PRIVACY_DIR
+    if not root.is_dir():
+        raise PrivacyError(
+            f"{state_dir} holds no privacy ledgers ({root} does not exist); give the site's "
+            "state folder (the SuperNode's state-dir, or <site>/.fedmed-state in simulation)"
+        )
+    out = []
+    for folder in sorted(d for d in root.iterdir() if d.is_dir()):
+        ledgers = [PrivacyLedger.load(p) for p in sorted(folder.glob("ledger-*.json"))]
+        if not ledgers:
+            continue
+        ledgers.sort(key=lambda led: min((e.time for e in led.entries), default=""))
+        delta = min(led.delta for led in ledgers)
+        out.append({
+            "dataset": folder.name, "delta": delta,
+            "epsilon": lifetime_epsilon(folder, delta),
+            "steps": sum(led.total_steps for led in ledgers),
+            "runs": [{"run_id": led.run_id, "site": led.site, "epsilon": led.epsilon(),
+                      "steps": led.total_steps} for led in ledgers],
+        })
+    return out
 
 
 def find_ledgers(folder: Path) -> list[Path]:

@@ -4,13 +4,16 @@ Inputs are integer label maps of one case, ``(X, Y, Z)`` or ``(1, X, Y, Z)``; ev
 is computed per foreground class (background excluded). A class absent from both the
 prediction and the reference counts as Dice 1 (nothing to find, nothing found); HD95 is
 undefined there and left out of means (NaN).
+
+Uncertainty over cases (a site's few test cases): :func:`case_dice_means` and
+:func:`bootstrap_ci`, shared by the site's final round and ``fedmed compare``.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -154,3 +157,41 @@ def summarize(cases: list[CaseMetrics], class_names: Mapping[int, str]) -> EvalR
         num_cases=len(cases),
         per_case=cases,
     )
+
+
+def case_dice_means(result: EvalResult) -> list[float]:
+    """Each case's Dice averaged over the foreground classes (what a bootstrap resamples)."""
+    return [_nanmean(c.dice.values()) for c in result.per_case]
+
+
+def bootstrap_ci(
+    values: Sequence[float], *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """The mean of ``values`` and a percentile-bootstrap confidence interval for it.
+
+    Cases are resampled with replacement (``scipy.stats.bootstrap``, percentile method,
+    seeded so that the interval is reproducible). With a handful of cases the interval is
+    wide and, if anything, too narrow: read it as the least uncertainty there is.
+
+    Args:
+        values: one value per case (e.g. :func:`case_dice_means`); NaN values are dropped.
+        confidence: the interval's confidence level.
+        resamples: bootstrap resamples.
+        seed: the resampling's seed.
+
+    Returns:
+        ``(mean, low, high)``; all three the mean when fewer than two values are left or
+        they are all equal (nothing to resample), NaN when none is left.
+    """
+    arr = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if arr.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(arr.mean())
+    if arr.size < 2 or np.all(arr == arr[0]):
+        return mean, mean, mean
+    from scipy.stats import bootstrap
+
+    res = bootstrap((arr,), np.mean, confidence_level=confidence, n_resamples=resamples,
+                    method="percentile", rng=np.random.default_rng(seed))
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return mean, min(low, mean), max(high, mean)

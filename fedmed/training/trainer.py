@@ -3,8 +3,9 @@
 :class:`LocalTrainer` trains a network on preprocessed cases (patches, Dice + CE loss,
 AdamW/SGD, cosine/poly schedule, AMP on CUDA, gradient accumulation, optional FedProx
 proximal term), evaluates whole volumes with sliding-window inference, and predicts label
-maps. With ``privacy.enabled`` the fit is delegated to :func:`fedmed.training.dp.fit_private`
-(patient-level DP-SGD). It knows nothing of Flower.
+maps. Plain and DP training (``privacy.enabled``: patient-level DP-SGD, see
+:mod:`fedmed.training.dp`) run the same :class:`~fedmed.training.loop.EpochLoop`. It knows
+nothing of Flower.
 
 Array contract: cases are :class:`~fedmed.data.preprocess.PreprocessedCase` (image
 ``(C, X, Y, Z)`` float32, label ``(1, X, Y, Z)``); batches add ``B``.
@@ -12,13 +13,12 @@ Array contract: cases are :class:`~fedmed.data.preprocess.PreprocessedCase` (ima
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,39 +28,24 @@ from torch import nn
 
 from fedmed.config import FederationConfig, PrivacyConfig
 from fedmed.errors import TrainingError
+from fedmed.training.dp import PrivatePlan
+from fedmed.training.ledger import PrivacyLedger
+from fedmed.training.loop import (
+    EpochLogger,
+    EpochLoop,
+    FitResult,
+    build_loss,
+    build_scheduler,
+    proximal_term,
+)
 from fedmed.training.metrics import EvalResult, case_metrics, summarize
 
 if TYPE_CHECKING:
     from fedmed.data.preprocess import PreprocessedCase
 
+__all__ = ["FitResult", "LocalTrainer", "seed_everything", "select_device"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """What one call of :meth:`LocalTrainer.fit` did.
-
-    Attributes:
-        loss: mean training loss over the last epoch's steps.
-        steps: optimiser steps taken.
-        num_cases: training cases (patients) used: the federated weight, never batches.
-        seconds: wall time.
-        epsilon: patient-level epsilon spent so far (DP runs), else ``None``.
-        delta: the delta of ``epsilon``.
-        skipped: why no update was made (e.g. privacy budget exhausted), else ``None``.
-    """
-
-    loss: float
-    steps: int
-    num_cases: int
-    seconds: float
-    epsilon: float | None = None
-    delta: float | None = None
-    skipped: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return asdict(self)
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -85,28 +70,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_factor(schedule: str, progress: float) -> float:
-    """Learning-rate multiplier at ``progress`` in [0, 1] of the planned training."""
-    progress = min(max(progress, 0.0), 1.0)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "poly":
-        return (1.0 - progress) ** 0.9
-    return 1.0
-
-
-def proximal_term(model: nn.Module, reference: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``sum ||w - w_ref||^2`` over the trainable parameters named in ``reference`` (FedProx)."""
-    terms = [
-        (p - reference[name]).pow(2).sum()
-        for name, p in model.named_parameters()
-        if p.requires_grad and name in reference
-    ]
-    if not terms:
-        return torch.zeros(())
-    return torch.stack(terms).sum()
-
-
 class LocalTrainer:
     """Trains, evaluates and predicts with one network.
 
@@ -121,6 +84,7 @@ class LocalTrainer:
         run_id: identifies the federated run in the ledger.
         optimizer_state: file where :meth:`fit` keeps the optimiser's state between calls
             (a site's moments across federated rounds); ``None``: a fresh optimiser per fit.
+        on_epoch: called with every epoch's metrics line (run tracking), or ``None``.
     """
 
     def __init__(
@@ -135,6 +99,7 @@ class LocalTrainer:
         state_dir: Path | None = None,
         run_id: str = "run",
         optimizer_state: Path | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.training = cfg.training
@@ -150,28 +115,9 @@ class LocalTrainer:
         self.state_dir = state_dir
         self.run_id = run_id
         self.optimizer_state = optimizer_state
-        self.loss_fn = self._make_loss()
-        self._progress_epoch = 0
+        self.on_epoch = on_epoch
 
-    # -- building blocks (also used by fedmed.training.dp) --------------------------------
-
-    def _make_loss(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        from monai.losses import DiceCELoss
-
-        lc = self.training.loss
-        weight = (
-            torch.tensor(lc.class_weights, dtype=torch.float32, device=self.device)
-            if lc.class_weights is not None
-            else None
-        )
-        return DiceCELoss(
-            to_onehot_y=True,
-            softmax=True,
-            lambda_dice=lc.dice_weight,
-            lambda_ce=lc.ce_weight,
-            weight=weight,
-            batch=True,
-        )
+    # -- building blocks --------------------------------------------------------------------
 
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The optimiser the config asks for, over ``params``."""
@@ -203,12 +149,6 @@ class LocalTrainer:
             cases, self.cfg.preprocessing, self.cfg.num_classes, seed=seed, train=train
         )
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Logits for a batch dict (``image``, ``available``)."""
-        x = batch["image"].to(self.device, non_blocking=True)
-        avail = batch["available"].to(self.device, non_blocking=True)
-        return self.model(x, avail)
-
     # -- training --------------------------------------------------------------------------
 
     def fit(
@@ -222,6 +162,7 @@ class LocalTrainer:
         total_epochs: int | None = None,
         round_index: int | None = None,
         seed: int | None = None,
+        plan_epochs: int | None = None,
     ) -> FitResult:
         """Train on ``cases`` for ``epochs`` passes.
 
@@ -232,133 +173,166 @@ class LocalTrainer:
             mu: proximal coefficient; 0 disables the term.
             start_epoch: global epoch index of the first epoch (for the LR schedule across
                 federated rounds, and for reproducible sampling).
-            total_epochs: planned epochs of the whole run (schedule length); default
-                ``start_epoch + epochs``.
-            round_index: federated round, written into metric lines.
-            seed: sampling seed; default ``training.seed``.
+            total_epochs: planned epochs of the whole run (schedule length, and the DP noise
+                plan); at least ``start_epoch + epochs``, which is the default.
+            round_index: federated round, written into metric lines (and the DP ledger).
+            seed: seed of the patch draws (and of the shuffling of plain training); default
+                ``training.seed``. DP's patient sampling and noise never use it.
+            plan_epochs: DP: the epochs the noise plan covers (sigma computed from
+                ``target_epsilon``) when a site trains more in a run than the schedule's
+                epochs (a personal model besides the global one); at least the schedule's
+                length, which is the default.
 
         Returns:
-            :class:`FitResult` with ``num_cases = len(cases)``.
+            :class:`FitResult` with ``num_cases = len(cases)``; under DP also epsilon and
+            delta, or ``skipped`` (and no training) when the budget forbids the fit.
 
         Raises:
             TrainingError: no cases, or a case without a label.
+            PrivacyError: (DP) the model is not DP-compatible, the target epsilon is
+                unreachable, ``secure_rng`` without torchcsprng, or an unreadable ledger.
         """
         if not cases:
             raise TrainingError(f"site {self.site or '(pooled)'}: no training cases to fit on")
         missing = [c.case_id for c in cases if c.label is None]
         if missing:
             raise TrainingError(f"cases without a label cannot be trained on: {missing[:5]}")
+        started = time.perf_counter()
+        # the schedule (and a DP noise plan) never ends before this fit does
+        total = max(total_epochs or 0, start_epoch + epochs)
+        seed = self.training.seed if seed is None else seed
+        patches = self.patch_dataset(cases, seed=seed, train=True)
         if self.privacy.enabled:
-            from fedmed.training.dp import fit_private
-
-            return fit_private(
-                self,
-                cases,
-                epochs,
-                start_epoch=start_epoch,
-                total_epochs=total_epochs,
-                round_index=round_index,
-                reference=reference,
-                mu=mu,
+            result = self._fit_private(
+                patches, epochs, start_epoch, total, round_index, reference=reference, mu=mu,
+                plan_epochs=max(plan_epochs or 0, total),
             )
-        return self._fit_plain(
-            cases,
-            epochs,
-            reference=reference,
-            mu=mu,
-            start_epoch=start_epoch,
-            total_epochs=total_epochs or start_epoch + epochs,
-            round_index=round_index,
-            seed=self.training.seed if seed is None else seed,
-        )
+        else:
+            result = self._fit_plain(
+                patches, epochs, start_epoch, total, round_index, reference=reference, mu=mu,
+                seed=seed,
+            )
+        return replace(result, seconds=time.perf_counter() - started)
 
     def _fit_plain(
         self,
-        cases: list[PreprocessedCase],
+        patches: Any,
         epochs: int,
-        *,
-        reference: Mapping[str, torch.Tensor] | None,
-        mu: float,
         start_epoch: int,
         total_epochs: int,
         round_index: int | None,
+        *,
+        reference: Mapping[str, torch.Tensor] | None,
+        mu: float,
         seed: int,
     ) -> FitResult:
+        """Shuffled patches, the configured optimiser (kept across rounds on request)."""
         t = self.training
-        started = time.perf_counter()
-        ref = (
-            {k: v.detach().to(self.device) for k, v in reference.items()}
-            if reference is not None and mu > 0
-            else None
-        )
-        dataset = self.patch_dataset(cases, seed=seed, train=True)
-        gen = torch.Generator().manual_seed(seed + 7919 * start_epoch)
+        penalty: Callable[[], torch.Tensor] | None = None
+        if reference is not None and mu > 0:
+            ref = {k: v.detach().to(self.device) for k, v in reference.items()}
+
+            def penalty() -> torch.Tensor:
+                return 0.5 * mu * proximal_term(self.model, ref)
+
         loader = torch.utils.data.DataLoader(
-            dataset,
+            patches,
             batch_size=t.batch_size,
             shuffle=True,
-            generator=gen,
+            generator=torch.Generator().manual_seed(seed + 7919 * start_epoch),
             num_workers=t.num_workers,
-            drop_last=len(dataset) >= t.batch_size,
+            drop_last=len(patches) >= t.batch_size,
             persistent_workers=False,
         )
         optimizer = self.make_optimizer(self.model.parameters())
         self._restore_optimizer(optimizer, round_index)
-        scaler = torch.amp.GradScaler(
-            "cuda",
-            enabled=self.device.type == "cuda" and t.amp and not torch.cuda.is_bf16_supported(),
+        scheduler = build_scheduler(
+            optimizer, t, steps_per_epoch=max(1, len(loader) // t.accumulate),
+            start_epoch=start_epoch, total_epochs=total_epochs,
         )
-        steps_per_epoch = max(1, len(loader) // t.accumulate)
-        total_steps = max(1, total_epochs * steps_per_epoch)
-        step = start_epoch * steps_per_epoch
-        self.model.train()
-        epoch_loss = math.nan
-        taken = 0
-        with _progress(t.progress and epochs * len(loader) > 1) as bar:
-            task = bar.add_task(self._label(round_index), total=epochs * len(loader))
-            for e in range(epochs):
-                epoch = start_epoch + e
-                dataset.set_epoch(epoch)
-                ep_started = time.perf_counter()
-                losses: list[float] = []
-                optimizer.zero_grad(set_to_none=True)
-                for i, batch in enumerate(loader):
-                    with self.autocast():
-                        logits = self.forward(batch)
-                        loss = self.loss_fn(logits.float(), batch["label"].to(self.device))
-                        if ref is not None:
-                            loss = loss + 0.5 * mu * proximal_term(self.model, ref)
-                    scaler.scale(loss / t.accumulate).backward()
-                    losses.append(float(loss.detach()))
-                    if (i + 1) % t.accumulate == 0 or i + 1 == len(loader):
-                        for g in optimizer.param_groups:
-                            g["lr"] = t.learning_rate * lr_factor(t.schedule, step / total_steps)
-                        scaler.step(optimizer)
-                        scaler.update()
-                        optimizer.zero_grad(set_to_none=True)
-                        step += 1
-                        taken += 1
-                    bar.update(
-                        task,
-                        advance=1,
-                        description=f"{self._label(round_index)} "
-                        f"epoch {epoch + 1} loss {np.mean(losses):.3f}",
-                    )
-                epoch_loss = float(np.mean(losses)) if losses else math.nan
-                self._log_epoch(
-                    epoch=epoch + 1,
-                    loss=epoch_loss,
-                    round_index=round_index,
-                    lr=optimizer.param_groups[0]["lr"],
-                    seconds=time.perf_counter() - ep_started,
-                    cases=len(cases),
-                )
+        scaled = self.device.type == "cuda" and t.amp and not torch.cuda.is_bf16_supported()
+        loop = self._loop(
+            self.model, build_loss(t.loss, self.device), optimizer, scheduler, loader,
+            patches.set_epoch, round_index, len(patches.cases),
+            scaler=torch.amp.GradScaler("cuda", enabled=scaled), autocast=self.autocast,
+            accumulate=t.accumulate, penalty=penalty,
+        )
+        loss = loop.run(epochs, start_epoch)
         self._keep_optimizer(optimizer, round_index)
-        return FitResult(
-            loss=epoch_loss,
-            steps=taken,
-            num_cases=len(cases),
-            seconds=time.perf_counter() - started,
+        return FitResult(loss=loss, steps=loop.steps_taken, num_cases=len(patches.cases),
+                         seconds=0.0)
+
+    def _fit_private(
+        self,
+        patches: Any,
+        epochs: int,
+        start_epoch: int,
+        total_epochs: int,
+        round_index: int | None,
+        *,
+        reference: Mapping[str, torch.Tensor] | None,
+        mu: float,
+        plan_epochs: int,
+    ) -> FitResult:
+        """Patient-level DP-SGD: Poisson patient loader, DP optimiser, ledger.
+
+        Without AMP (per-patient gradients in the parameters' precision) and without
+        gradient accumulation (a Poisson batch is one step of the accountant).
+        """
+        t = self.training
+        privacy = self.privacy
+        ledger = PrivacyLedger.open(
+            self.state_dir, self.run_id, self.site,
+            accountant=privacy.accountant, delta=privacy.delta,
+        )
+        plan = PrivatePlan.make(
+            privacy, ledger, num_cases=len(patches.cases), epochs=epochs,
+            total_epochs=plan_epochs, round_index=round_index,
+        )
+        refusal = plan.refusal()
+        if refusal is not None:
+            return FitResult(loss=math.nan, steps=0, num_cases=0, seconds=0.0,
+                             epsilon=ledger.epsilon(), delta=privacy.delta, skipped=refusal)
+        base = self.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
+        # attach wraps self.model in place and unwraps it on exit
+        with plan.attach(self.model, base, self.device, reference, mu) as dp:
+            loader = plan.loader(patches, t.num_workers)
+            scheduler = build_scheduler(
+                dp.optimizer, t, steps_per_epoch=plan.steps_per_epoch,
+                start_epoch=start_epoch, total_epochs=total_epochs,
+            )
+            loop = self._loop(
+                dp.module, build_loss(t.loss, self.device, per_sample=True), dp.optimizer,
+                scheduler, loader, loader.set_epoch, round_index, plan.num_cases,
+                scaler=torch.amp.GradScaler("cuda", enabled=False),
+                before_step=dp.before_step, after_step=dp.after_step,
+                log_fields=plan.log_fields,
+            )
+            loss = loop.run(epochs, start_epoch)
+        return FitResult(loss=loss, steps=plan.steps_taken, num_cases=plan.num_cases,
+                         seconds=0.0, epsilon=ledger.epsilon(), delta=privacy.delta)
+
+    def _loop(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        loader: Any,
+        set_epoch: Callable[[int], None],
+        round_index: int | None,
+        num_cases: int,
+        **parts: Any,
+    ) -> EpochLoop:
+        """The shared epoch loop with this trainer's device, log and progress settings."""
+        who = self.site or "pooled"
+        return EpochLoop(
+            model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+            loader=loader, set_epoch=set_epoch,
+            logger=EpochLogger(self.metrics_path, self.site, self.on_epoch),
+            device=self.device, label=who if round_index is None else f"{who} round {round_index}",
+            progress=self.training.progress, round_index=round_index, num_cases=num_cases,
+            **parts,
         )
 
     def _restore_optimizer(self, optimizer: torch.optim.Optimizer, round_index: int | None) -> None:
@@ -385,17 +359,6 @@ class LocalTrainer:
         tmp = path.with_suffix(".tmp")
         torch.save({"round": round_index or 0, "optimizer": optimizer.state_dict()}, tmp)
         tmp.replace(path)
-
-    def _label(self, round_index: int | None) -> str:
-        who = self.site or "pooled"
-        return f"{who} round {round_index}" if round_index is not None else who
-
-    def _log_epoch(self, **fields: Any) -> None:
-        line = {"site": self.site, **{k: v for k, v in fields.items() if v is not None}}
-        if self.metrics_path is not None:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.metrics_path.open("a") as fh:
-                fh.write(json.dumps(line) + "\n")
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -501,14 +464,3 @@ class LocalTrainer:
                 )
         self.model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=strict)
 
-
-def _progress(enabled: bool) -> Any:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        disable=not enabled,
-        transient=True,
-    )
