@@ -152,8 +152,8 @@ def _measure_deployed(root: Path, raw: dict[str, Any]) -> tuple[list[float], lis
     from fedmed.config import load_config
     from fedmed.policy import approve_app, policy_permitting
     from fedmed.security.approval import fab_hash
+    from tests.support.debian import ensure_nginx
     from tests.support.deployment import DeployedFederation, snapshot_app
-    from tests.support.nginx import ensure_nginx
 
     configs = {}
     for mode, enabled in (("plain", False), ("secure", True)):

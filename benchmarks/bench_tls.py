@@ -156,8 +156,8 @@ def _round_behind_proxy(root: Path, config: Path) -> tuple[str, bytes]:
     from fedmed.config import load_config
     from fedmed.policy import approve_app, policy_permitting
     from fedmed.security.approval import fab_hash
+    from tests.support.debian import ensure_nginx
     from tests.support.deployment import DeployedFederation, snapshot_app
-    from tests.support.nginx import ensure_nginx
 
     tmp = root / "tls"
     tmp.mkdir()

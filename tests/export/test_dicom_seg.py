@@ -7,7 +7,6 @@ SOP instance GDCM sorted there. highdicom reads the SEG back per source instance
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import SimpleITK as sitk
 
 from fedmed.cli.main import main
 from fedmed.data.io import write_image
+from tests.support.debian import ToolUnavailable, ensure_tool
 from tests.support.dicom import Series, write_dicom_series
 from tests.support.runs import grid, scan, train_toy_run
 
@@ -167,9 +167,10 @@ def test_code_table_for_other_labels(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_seg_passes_dciodvfy(model: Path, tmp_path: Path) -> None:
     """dicom3tools' validator finds no error in the SEG (or in the source it references)."""
-    dciodvfy = shutil.which("dciodvfy")
-    if dciodvfy is None:
-        pytest.skip("dciodvfy not on PATH (Debian/Ubuntu: apt-get install dicom3tools)")
+    try:
+        dciodvfy = ensure_tool("dciodvfy", "dicom3tools")
+    except ToolUnavailable as exc:
+        pytest.skip(str(exc))
     t1, flair = dicom_case(tmp_path / "dicom", "RAS", (1.3, 1.2, 2.0), (34, 30, 24), 17.0)
     seg_path = tmp_path / "seg.dcm"
     images = [f"T1={t1.folder}", f"FLAIR={flair.folder}"]

@@ -48,9 +48,9 @@ from fedmed.config import load_config
 from fedmed.policy import approve_app, policy_permitting
 from fedmed.security.approval import APP_NOT_APPROVED, fab_hash
 from fedmed.security.certs import create_site_keys
+from tests.support.debian import NginxUnavailable, ensure_nginx
 from tests.support.deployment import BIN, PUBLIC, DeployedFederation, snapshot_app
 from tests.support.federations import SITES, make_federation
-from tests.support.nginx import NginxUnavailable, ensure_nginx
 from tests.support.processes import start_supernode_until_active
 
 CHECKOUT = Path(__file__).resolve().parents[2]

@@ -23,7 +23,7 @@ from fedmed.security.proxy import (
     nginx_config,
     write_nginx_config,
 )
-from tests.support.nginx import NginxUnavailable, ensure_nginx
+from tests.support.debian import NginxUnavailable, ensure_nginx
 
 
 def _settings(tmp: Path, **changes: object) -> dict[str, object]:

@@ -111,7 +111,7 @@ class DeployedFederation:
         root: Working folder (certificates, keys, logs, state).
         sites: ``{site name: data folder}``.
         policies: ``{site name: its site policy}``.
-        nginx: Path of the nginx binary (:func:`tests.support.nginx.ensure_nginx`).
+        nginx: Path of the nginx binary (:func:`tests.support.debian.ensure_nginx`).
         fleet_address: Where SuperNodes connect instead of the proxy itself (a capturing
             relay in front of it, for instance); set before :meth:`start`.
     """
