@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -42,50 +43,48 @@ def _summary_table(summary: dict, title: str) -> Table:
     return table
 
 
-def centralized(
-    config: Path = ConfigOpt,
-    out: Path = OutOpt,
-    epochs: int = typer.Option(None, min=1, help="Override training.epochs."),
-    force: bool = typer.Option(False, help="Replace an existing run directory."),
-    tracking: str | None = TrackingOpt,
-    mlflow_uri: str | None = MlflowUriOpt,
-) -> None:
-    """Train on every site's training cases pooled: the upper-bound baseline."""
+EpochsOpt = typer.Option(None, min=1, help="Override training.epochs.")
+ForceOpt = typer.Option(False, help="Replace an existing run directory.")
+
+
+def _pooled(config: Path, out: Path, sites: list[str] | None, title: str, **options: Any) -> None:
+    """Train one pooled baseline and print its table (both commands below)."""
     from fedmed.config import load_config
     from fedmed.evaluation.baselines import run_pooled
 
     console = Console()
-    cfg = apply_tracking(load_config(config), tracking, mlflow_uri)
-    summary = run_pooled(cfg, out, epochs=epochs, force=force, console=console)
-    console.print(_summary_table(summary, f"centralized: {out}"))
+    cfg = apply_tracking(load_config(config), options.pop("tracking"), options.pop("mlflow_uri"))
+    mode = "centralized" if sites is None else "local"
+    summary = run_pooled(cfg, out, sites=sites, mode=mode, console=console, **options)
+    console.print(_summary_table(summary, f"{title}: {out}"))
     console.print(f"run directory: [bold]{out}[/] ({summary['wall_seconds']:.0f} s)")
+
+
+def centralized(
+    config: Path = ConfigOpt,
+    out: Path = OutOpt,
+    epochs: int = EpochsOpt,
+    force: bool = ForceOpt,
+    tracking: str | None = TrackingOpt,
+    mlflow_uri: str | None = MlflowUriOpt,
+) -> None:
+    """Train on every site's training cases pooled: the upper-bound baseline."""
+    _pooled(config, out, None, "centralized", epochs=epochs, force=force, tracking=tracking,
+            mlflow_uri=mlflow_uri)
 
 
 def local(
     config: Path = ConfigOpt,
     site: str = typer.Option(..., help="The site that trains alone."),
     out: Path = OutOpt,
-    epochs: int = typer.Option(None, min=1, help="Override training.epochs."),
-    force: bool = typer.Option(False, help="Replace an existing run directory."),
+    epochs: int = EpochsOpt,
+    force: bool = ForceOpt,
     tracking: str | None = TrackingOpt,
     mlflow_uri: str | None = MlflowUriOpt,
 ) -> None:
     """Train on one site's training cases alone: the local-only baseline."""
-    from fedmed.config import load_config
-    from fedmed.evaluation.baselines import run_pooled
-
-    console = Console()
-    summary = run_pooled(
-        apply_tracking(load_config(config), tracking, mlflow_uri),
-        out,
-        sites=[site],
-        mode="local",
-        epochs=epochs,
-        force=force,
-        console=console,
-    )
-    console.print(_summary_table(summary, f"local-only {site}: {out}"))
-    console.print(f"run directory: [bold]{out}[/] ({summary['wall_seconds']:.0f} s)")
+    _pooled(config, out, [site], f"local-only {site}", epochs=epochs, force=force,
+            tracking=tracking, mlflow_uri=mlflow_uri)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,31 +8,13 @@ import pytest
 
 from fedmed.cli.main import main
 from fedmed.data.io import read_image, write_image
-from fedmed.data.planning import plan_preprocessing
-from fedmed.data.preprocess import preprocess_images
-from fedmed.models import build_model
-from fedmed.training.checkpoint import load_model, save_model
-from fedmed.training.trainer import LocalTrainer, seed_everything
-from tests.support.runs import grid, scan
-from tests.support.toy import toy_config
+from fedmed.training.checkpoint import load_model
+from tests.support.runs import grid, scan, train_toy_run
 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("model")
-    cfg = toy_config(tmp, training={"epochs": 8})
-    settings = plan_preprocessing(cfg)
-    cases = []
-    for i in range(4):
-        shift = np.random.default_rng(i).uniform(-6, 6, 3)
-        aff = grid("RAS", (2.0, 2.0, 2.0), (28, 28, 28))
-        aff[:3, 3] += shift
-        images, label = scan(aff, (28, 28, 28), seed=i)
-        cases.append(preprocess_images(images, settings, label, case_id=f"c{i}"))
-    seed_everything(0)
-    trainer = LocalTrainer(cfg, build_model(cfg.model, 2, 2), device="cpu")
-    trainer.fit(cases, epochs=8)
-    return save_model(tmp / "model.pt", trainer.get_weights(), cfg, settings.target_spacing)
+    return train_toy_run(tmp_path_factory.mktemp("model"))
 
 
 @pytest.mark.parametrize(
