@@ -175,10 +175,13 @@ def run_arm(yaml_path: Path, setup: Setup, optim: Optim, *, dp: bool) -> dict[st
     out = fx.run_dir("dp" if dp else "nondp")
     try:
         summary = run_federated(cfg, out, force=True)
+        run_id = (out / "run-id").read_text().strip()
         ledgers = {}
-        for p in sorted(out.rglob("ledger-*.json")):
-            data = json.loads(p.read_text())
-            ledgers[str(data["site"])] = data
+        # each site's ledger of this run, in its own state folder (lifetime ledgers per dataset)
+        for site in cfg.site_names:
+            for p in sorted(cfg.site_state_dir(site).glob(f"privacy/*/ledger-{run_id}-*.json")):
+                data = json.loads(p.read_text())
+                ledgers[str(data["site"])] = data
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return {"summary": summary, "ledgers": ledgers, "optim": optim._asdict(), "dp": dp}

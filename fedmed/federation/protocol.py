@@ -90,7 +90,8 @@ INTERVAL_KEYS = ("dice", "ci-low", "ci-high")
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Weights as Flower's ``ArrayRecord`` (one ``Array`` per name, order kept)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    # np.require keeps a 0-d tensor 0-d (np.ascontiguousarray would make it 1-d)
+    return ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in arrays.items()})
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
