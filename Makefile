@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedmed data synth --out $(DEMO_DIR) --force
+	$(BIN)/fedmed data synth --out $(DEMO_DIR) --force --workers 2
 	$(BIN)/fedmed compare --config $(DEMO_DIR)/federation.yaml --out $(DEMO_RUN)
 
 test: $(STAMP)

@@ -131,8 +131,12 @@ class ModelConfig(_Frozen):
     groups: PositiveInt = 8
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     modality_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    """``fusion`` only: probability that a training patch loses one of its modalities (drawn
-    uniformly, never the last one), so that the network also works where one is missing."""
+    """Probability that a training patch loses one of its modalities (drawn uniformly among
+    ``droppable_modalities``, never the last one), so that the network also serves a site
+    where one is missing."""
+    droppable_modalities: tuple[str, ...] | None = None
+    """The modalities ``modality_dropout`` may hide, e.g. ``[FLAIR]`` when only FLAIR is
+    optional in the federation's protocol; ``None``: any of them."""
 
     @model_validator(mode="after")
     def _levels(self) -> ModelConfig:
@@ -376,6 +380,12 @@ class FederationConfig(_Frozen):
         unknown = set(self.preprocessing.normalization) - set(self.modalities)
         if unknown:
             raise ValueError(f"preprocessing.normalization names unknown modalities {unknown}")
+        droppable = set(self.model.droppable_modalities or ()) - set(self.modalities)
+        if droppable:
+            raise ValueError(
+                f"model.droppable_modalities names {sorted(droppable)}, which are not among "
+                f"modalities {list(self.modalities)}"
+            )
         return self
 
     @property

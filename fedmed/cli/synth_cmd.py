@@ -21,7 +21,7 @@ def synth(
     ),
     sites: int = typer.Option(4, "--sites", min=1, help="Number of training sites."),
     cases_per_site: int = typer.Option(
-        10, "--cases-per-site", min=1, help="Mean cases per site (sizes are skewed)."
+        17, "--cases-per-site", min=1, help="Mean cases per site (sizes are skewed)."
     ),
     test_cases: int = typer.Option(
         8, "--test-cases", min=0, help="Central test cases, drawn from every site's scanner."

@@ -66,7 +66,7 @@ def run_pooled(
     if not cases:
         raise TrainingError(f"sites {names} have no training cases")
     seed_everything(cfg.training.seed)
-    model = build_model(cfg.model, len(cfg.modalities), cfg.num_classes)
+    model = build_model(cfg.model, cfg.modalities, cfg.num_classes)
     console.print(f"[bold]{mode}[/] on {len(cases)} training cases from {', '.join(names)}")
     console.print(
         f"model: {describe_model(model, len(cfg.modalities), cfg.preprocessing.patch_size)}"

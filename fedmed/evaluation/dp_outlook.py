@@ -46,7 +46,7 @@ def trainable_parameters(cfg: FederationConfig) -> int:
     """``d``: the trainable parameters of the network ``cfg.model`` builds."""
     from fedmed.models import build_model
 
-    model = build_model(cfg.model, len(cfg.modalities), cfg.num_classes)
+    model = build_model(cfg.model, cfg.modalities, cfg.num_classes)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -52,7 +52,9 @@ class BundleNetwork(nn.Module):
         from fedmed.models import build_model
 
         super().__init__()
-        self.net = build_model(ModelConfig.model_validate(dict(model)), in_channels, num_classes)
+        # Inference only: which modalities training could hide does not matter here.
+        cfg = ModelConfig.model_validate({**model, "droppable_modalities": None})
+        self.net = build_model(cfg, in_channels, num_classes)
 
     def forward(self, x: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, K, X, Y, Z)`` for ``(B, C, X, Y, Z)``; ``available`` ``(1|B, C)``."""

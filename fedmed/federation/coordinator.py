@@ -122,7 +122,7 @@ class Coordinator:
         self.strategy_name = self.cfg.federation.strategy
         self.rounds = self.cfg.federation.rounds
         seed_everything(self.cfg.training.seed)
-        model = build_model(self.cfg.model, len(self.cfg.modalities), self.cfg.num_classes)
+        model = build_model(self.cfg.model, self.cfg.modalities, self.cfg.num_classes)
         self.norm_keys = sorted(norm_parameter_names(model))
         self.trainer = LocalTrainer(self.cfg, model, site=None)
         self.strategy = build_strategy(self.cfg, norm_keys=self.norm_keys)

@@ -261,7 +261,7 @@ def build_trainer(
     from fedmed.models import build_model
     from fedmed.training.trainer import LocalTrainer
 
-    model = build_model(cfg.model, len(cfg.modalities), cfg.num_classes)
+    model = build_model(cfg.model, cfg.modalities, cfg.num_classes)
     optimizer_state = None
     if cfg.federation.keep_optimizer_state and optimizer_file is not None:
         optimizer_state = run_state_dir(spec.state_dir, run_name) / optimizer_file

@@ -86,9 +86,35 @@ def _check_config(model_cfg: ModelConfig, in_channels: int, num_classes: int) ->
         )
 
 
+def droppable_channels(
+    model_cfg: ModelConfig, modalities: int | Sequence[str]
+) -> tuple[bool, ...] | None:
+    """Per channel, whether ``model.modality_dropout`` may hide it (``None``: every one).
+
+    Raises:
+        ModelConfigError: ``model.droppable_modalities`` is set but only a channel count is
+            known, or it names a modality not in ``modalities``.
+    """
+    names = model_cfg.droppable_modalities
+    if names is None:
+        return None
+    if isinstance(modalities, int):
+        raise ModelConfigError(
+            f"model.droppable_modalities {list(names)} needs the modality names; pass the "
+            f"config's modalities instead of a channel count"
+        )
+    unknown = sorted(set(names) - set(modalities))
+    if unknown:
+        raise ModelConfigError(
+            f"model.droppable_modalities names {unknown}, which are not among modalities "
+            f"{list(modalities)}"
+        )
+    return tuple(m in names for m in modalities)
+
+
 def build_model(
     model_cfg: ModelConfig,
-    in_channels: int,
+    modalities: int | Sequence[str],
     num_classes: int,
     *,
     patch_size: Sequence[int] | None = None,
@@ -103,7 +129,8 @@ def build_model(
 
     Args:
         model_cfg: the config's ``model`` section.
-        in_channels: number of modalities.
+        modalities: the config's modality names (one input channel each), or only their
+            number when ``model.droppable_modalities`` is unset.
         num_classes: number of labels including background.
         patch_size: optional training patch; when given it is checked against the strides
             and the logged activation estimate refers to it.
@@ -111,7 +138,14 @@ def build_model(
     Raises:
         ModelConfigError: inconsistent arguments (see the message for the parameter).
     """
+    if isinstance(modalities, str):
+        raise ModelConfigError(
+            f"modalities must be the list of modality names or their number, got the string "
+            f"{modalities!r}; pass [{modalities!r}]"
+        )
+    in_channels = modalities if isinstance(modalities, int) else len(modalities)
     _check_config(model_cfg, in_channels, num_classes)
+    droppable = droppable_channels(model_cfg, modalities)
     strides = model_strides(model_cfg)
     divisor = math.prod(strides)
     if patch_size is not None:
@@ -127,6 +161,8 @@ def build_model(
             model_cfg.num_res_units,
             norm,
             model_cfg.dropout,
+            model_cfg.modality_dropout,
+            droppable,
         )
     elif model_cfg.architecture == "fusion":
         model = IntermediateFusionUNet(
@@ -138,6 +174,7 @@ def build_model(
             norm,
             model_cfg.dropout,
             model_cfg.modality_dropout,
+            droppable,
         )
     else:
         raise ModelConfigError(

@@ -27,6 +27,7 @@ from fedmed.models.unet import (
     NormSpec,
     available_mask,
     check_spatial_shape,
+    drop_modalities,
     norm_for_channels,
     zero_unavailable,
 )
@@ -58,7 +59,8 @@ class IntermediateFusionUNet(nn.Module):
         num_classes: number of output channels.
         divisor: product of the strides; spatial input sizes must be multiples of it.
         modality_dropout: probability that a training sample loses one of its available
-            modalities (never its last one).
+            modalities (never its last one; see :func:`fedmed.models.unet.drop_modalities`).
+        droppable: per modality, whether modality dropout may hide it (``None``: all).
         encoders: one ``ModuleList`` of levels per modality.
         decoder: the up stages, deepest first.
     """
@@ -73,12 +75,14 @@ class IntermediateFusionUNet(nn.Module):
         norm: NormSpec,
         dropout: float = 0.0,
         modality_dropout: float = 0.0,
+        droppable: Sequence[bool] | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.divisor = math.prod(strides)
         self.modality_dropout = float(modality_dropout)
+        self.droppable = None if droppable is None else tuple(bool(d) for d in droppable)
         self._num_res_units = num_res_units
         self._norm = norm
         self._dropout = dropout
@@ -158,29 +162,6 @@ class IntermediateFusionUNet(nn.Module):
         )
         return nn.Sequential(conv, unit)
 
-    def drop_modalities(self, mask: torch.Tensor) -> torch.Tensor:
-        """With probability ``modality_dropout``, hide one available modality of a sample.
-
-        The hidden modality is drawn uniformly among the sample's available ones, and a
-        sample with a single modality keeps it. Hiding one at a time (rather than each
-        independently) trains the case a site actually has -- all modalities but one -- as
-        often as possible: at 0.75 with three modalities, a quarter of the patches lack FLAIR,
-        a quarter lack T1, a quarter lack T2 and a quarter have all. Uses the global torch
-        RNG, so ``torch.manual_seed`` makes it reproducible.
-
-        Args:
-            mask: ``(B, C)`` bool availability.
-
-        Returns:
-            The reduced mask (a subset of ``mask``).
-        """
-        drop = torch.rand(mask.shape[0], device=mask.device) < self.modality_dropout
-        drop &= mask.sum(dim=1) >= 2
-        draw = torch.rand(mask.shape, device=mask.device)
-        victim = torch.where(mask, draw, torch.full_like(draw, -1.0)).argmax(dim=1)
-        hidden = nn.functional.one_hot(victim, mask.shape[1]).bool() & drop[:, None]
-        return mask & ~hidden
-
     def forward(self, x: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, K, X, Y, Z)`` for images ``(B, C, X, Y, Z)``.
 
@@ -191,7 +172,7 @@ class IntermediateFusionUNet(nn.Module):
         mask = available_mask(x, available, self.in_channels)
         check_spatial_shape(x.shape[2:], self.divisor)
         if self.training and self.modality_dropout > 0:
-            mask = self.drop_modalities(mask)
+            mask = drop_modalities(mask, self.modality_dropout, self.droppable)
         x = zero_unavailable(x, mask)
 
         weights = mask.to(x.dtype)

@@ -112,6 +112,40 @@ def zero_unavailable(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     )
 
 
+def drop_modalities(
+    mask: torch.Tensor, probability: float, droppable: Sequence[bool] | None = None
+) -> torch.Tensor:
+    """With probability ``probability``, hide one available modality of each sample.
+
+    The hidden modality is drawn uniformly among the sample's available ones that
+    ``droppable`` allows, and a sample is never left without a modality. Hiding one at a
+    time (rather than each independently) trains the case a site actually has -- all
+    modalities but one -- as often as possible: at 0.75 with three droppable modalities, a
+    quarter of the patches lack FLAIR, a quarter lack T1, a quarter lack T2 and a quarter
+    have all. Restricting ``droppable`` to the modalities some site lacks (``[FLAIR]``)
+    trains exactly the input those sites give. Uses the global torch RNG, so
+    ``torch.manual_seed`` makes it reproducible.
+
+    Args:
+        mask: ``(B, C)`` bool availability.
+        probability: chance that a sample loses one modality, in ``[0, 1)``.
+        droppable: per channel, whether it may be hidden; ``None``: every channel.
+
+    Returns:
+        The reduced mask (a subset of ``mask``).
+    """
+    candidates = mask
+    if droppable is not None:
+        allowed = torch.as_tensor(tuple(droppable), dtype=torch.bool, device=mask.device)
+        candidates = mask & allowed[None]
+    drop = torch.rand(mask.shape[0], device=mask.device) < probability
+    drop &= (mask.sum(dim=1) >= 2) & candidates.any(dim=1)
+    draw = torch.rand(mask.shape, device=mask.device)
+    victim = torch.where(candidates, draw, torch.full_like(draw, -1.0)).argmax(dim=1)
+    hidden = nn.functional.one_hot(victim, mask.shape[1]).bool() & drop[:, None]
+    return mask & ~hidden
+
+
 class _GroupSafeUNet(UNet):
     """MONAI ``UNet`` whose logits layer accepts group norm with any number of classes."""
 
@@ -130,12 +164,16 @@ class EarlyFusionUNet(nn.Module):
     """3D U-Net with the modalities stacked as input channels (early fusion).
 
     Unavailable modalities are zeroed in ``forward``, so a missing modality is always an
-    exact zero channel whatever the caller passed in it.
+    exact zero channel whatever the caller passed in it. With ``modality_dropout`` a
+    training patch loses one (``droppable``) modality now and then (:func:`drop_modalities`),
+    so that the network learns the zero-channel input of a site that lacks it.
 
     Attributes:
         in_channels: number of modalities.
         num_classes: number of output channels (labels including background).
         divisor: product of the strides; spatial input sizes must be multiples of it.
+        modality_dropout: probability that a training sample loses one modality.
+        droppable: per channel, whether modality dropout may hide it (``None``: all).
         net: the MONAI ``UNet``.
     """
 
@@ -148,11 +186,15 @@ class EarlyFusionUNet(nn.Module):
         num_res_units: int,
         norm: NormSpec,
         dropout: float = 0.0,
+        modality_dropout: float = 0.0,
+        droppable: Sequence[bool] | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.divisor = math.prod(strides)
+        self.modality_dropout = float(modality_dropout)
+        self.droppable = None if droppable is None else tuple(bool(d) for d in droppable)
         self.net = _GroupSafeUNet(
             spatial_dims=3,
             in_channels=in_channels,
@@ -174,6 +216,9 @@ class EarlyFusionUNet(nn.Module):
         """
         mask = available_mask(x, available, self.in_channels)
         check_spatial_shape(x.shape[2:], self.divisor)
+        if self.training and self.modality_dropout > 0:
+            mask = drop_modalities(mask, self.modality_dropout, self.droppable)
+            available = mask
         if available is not None:
             x = zero_unavailable(x, mask)
         return self.net(x)

@@ -70,7 +70,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         raise CheckpointError(f"{p}: model file does not exist (expected RUN/model.pt)")
     payload = _load_payload(p, device)
     cfg = config_from_dict(payload["config"])
-    model = build_model(cfg.model, len(cfg.modalities), cfg.num_classes)
+    model = build_model(cfg.model, cfg.modalities, cfg.num_classes)
     try:
         model.load_state_dict(payload["weights"])
     except RuntimeError as exc:

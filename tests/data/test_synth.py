@@ -13,6 +13,7 @@ from fedmed.config import load_config
 from fedmed.data.formats import load_site
 from fedmed.data.io import read_image
 from fedmed.data.synth import (
+    CASES_PER_SITE,
     LABELS,
     MODALITIES,
     ScannerProfile,
@@ -63,6 +64,11 @@ def test_config_validates_and_names_every_part(federation: Path) -> None:
     assert list(cfg.model.channels) == sections["model"]["channels"]
     assert cfg.training.epochs == sections["training"]["epochs"]
     assert cfg.federation.rounds == sections["federation"]["rounds"]
+    # the site without FLAIR is served: every site trains patches without it now and then
+    assert cfg.model.droppable_modalities == ("FLAIR",)
+    assert 0 < cfg.model.modality_dropout < 0.5
+    assert cfg.federation.personalization == "finetune"
+    assert cfg.training.test_fraction > 0.5
     for name in cfg.site_names:
         assert cfg.site_dir(name).is_dir()
 
@@ -254,3 +260,15 @@ def test_cli_writes_a_federation_and_refuses_a_busy_folder(
     before = _tree(out)
     assert main([*args, "--force"]) == 0
     assert _tree(out) == before
+
+
+def test_cli_default_cohort_is_the_generators() -> None:
+    import inspect
+
+    from fedmed.cli.synth_cmd import synth
+
+    cli_default = inspect.signature(synth).parameters["cases_per_site"].default.default
+    assert cli_default == CASES_PER_SITE
+    assert inspect.signature(generate_federation).parameters["cases_per_site"].default == (
+        CASES_PER_SITE
+    )

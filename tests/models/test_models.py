@@ -24,6 +24,7 @@ from fedmed.models import (
     norm_parameter_names,
 )
 from fedmed.models.fusion import encoder_widths
+from fedmed.models.unet import drop_modalities
 
 ARCHS = ["unet", "fusion"]
 
@@ -214,13 +215,12 @@ def test_encoder_widths_halved_where_norm_allows() -> None:
 
 
 def test_drop_modalities_hides_at_most_one_and_never_the_last() -> None:
-    model = _fusion(_cfg(architecture="fusion", modality_dropout=0.75), 3, 2)
     mask = torch.ones(6000, 3, dtype=torch.bool)
     mask[:1000, 2] = False  # two present
     mask[1000:2000, 1:] = False  # one present: always kept
     mask[5990:] = False  # samples with nothing present stay that way
     torch.manual_seed(3)
-    dropped = model.drop_modalities(mask)
+    dropped = drop_modalities(mask, 0.75)
     assert not (dropped & ~mask).any()
     lost = (mask.sum(dim=1) - dropped.sum(dim=1))
     assert lost.max() <= 1
@@ -233,12 +233,37 @@ def test_drop_modalities_hides_at_most_one_and_never_the_last() -> None:
         assert 0.22 < 1 - full[:, m].float().mean().item() < 0.28
     assert 0.72 < lost[:1000].float().mean().item() < 0.78
     torch.manual_seed(3)
-    assert torch.equal(model.drop_modalities(mask), dropped)
+    assert torch.equal(drop_modalities(mask, 0.75), dropped)
 
 
-def test_modality_dropout_only_in_training_and_reproducible() -> None:
+def test_drop_modalities_hides_only_the_droppable_ones() -> None:
+    mask = torch.ones(4000, 3, dtype=torch.bool)
+    mask[:1000, 2] = False  # FLAIR already missing: nothing droppable left, kept whole
+    torch.manual_seed(5)
+    dropped = drop_modalities(mask, 0.3, (False, False, True))
+    assert torch.equal(dropped[:, :2], mask[:, :2])
+    assert torch.equal(dropped[:1000], mask[:1000])
+    assert 0.27 < 1 - dropped[1000:, 2].float().mean().item() < 0.33
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_droppable_modalities_by_name(arch: str) -> None:
+    cfg = _cfg(architecture=arch, modality_dropout=0.5, droppable_modalities=("FLAIR",))
+    model = build_model(cfg, ["T1", "T2", "FLAIR"], 3)
+    assert model.droppable == (False, False, True)
+    assert model.modality_dropout == 0.5
+    with pytest.raises(ModelConfigError, match="needs the modality names"):
+        build_model(cfg, 3, 3)
+    with pytest.raises(ModelConfigError, match=r"\['FLAIR'\], which are not among"):
+        build_model(cfg, ["T1", "T2"], 3)
+    with pytest.raises(ModelConfigError, match="got the string 'T1'"):
+        build_model(_cfg(architecture="unet"), "T1", 3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_modality_dropout_only_in_training_and_reproducible(arch: str) -> None:
     torch.manual_seed(0)
-    model = _fusion(_cfg(architecture="fusion", modality_dropout=0.5, num_res_units=0), 3, 3)
+    model = build_model(_cfg(architecture=arch, modality_dropout=0.5, num_res_units=0), 3, 3)
     x = torch.randn(4, 3, 8, 8, 8)
     model.eval()
     with torch.no_grad():
