@@ -131,12 +131,9 @@ class ModelConfig(_Frozen):
     groups: PositiveInt = 8
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     modality_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    """Probability that a training patch loses one of its modalities (drawn uniformly among
-    ``droppable_modalities``, never the last one), so that the network also serves a site
-    where one is missing."""
+    """Chance that a training patch loses one modality (never its last), for sites lacking one."""
     droppable_modalities: tuple[str, ...] | None = None
-    """The modalities ``modality_dropout`` may hide, e.g. ``[FLAIR]`` when only FLAIR is
-    optional in the federation's protocol; ``None``: any of them."""
+    """What ``modality_dropout`` may hide, e.g. ``[FLAIR]``; ``None``: any modality."""
 
     @model_validator(mode="after")
     def _levels(self) -> ModelConfig:
@@ -377,15 +374,11 @@ class FederationConfig(_Frozen):
                 f"training.loss.class_weights needs {len(self.labels)} entries (one per label), "
                 f"got {len(cw)}"
             )
-        unknown = set(self.preprocessing.normalization) - set(self.modalities)
-        if unknown:
-            raise ValueError(f"preprocessing.normalization names unknown modalities {unknown}")
-        droppable = set(self.model.droppable_modalities or ()) - set(self.modalities)
-        if droppable:
-            raise ValueError(
-                f"model.droppable_modalities names {sorted(droppable)}, which are not among "
-                f"modalities {list(self.modalities)}"
-            )
+        for key, given in (("preprocessing.normalization", tuple(self.preprocessing.normalization)),
+                           ("model.droppable_modalities", self.model.droppable_modalities or ())):
+            if unknown := sorted(set(given) - set(self.modalities)):
+                raise ValueError(f"{key} names unknown modalities {unknown}; modalities are "
+                                 f"{list(self.modalities)}")
         return self
 
     @property

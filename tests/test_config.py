@@ -73,7 +73,10 @@ def test_privacy_override_per_site() -> None:
         ({"preprocessing": {"patch_size": [4, 64, 64]}}, "patch_size"),
         ({"preprocessing": {"normalization": {"CT": {"kind": "zscore"}}}}, "unknown modalities"),
         ({"preprocessing": {"normalization": {"T1": {"kind": "ct_window"}}}}, "window"),
-        ({"model": {"droppable_modalities": ["T2"]}}, r"droppable_modalities names \['T2'\]"),
+        (
+            {"model": {"droppable_modalities": ["T2"]}},
+            r"droppable_modalities names unknown modalities \['T2'\]",
+        ),
         ({"model": {"modality_dropout": 1.0}}, "model.modality_dropout"),
         ({"training": {"val_fraction": 0.5, "test_fraction": 0.45}}, "at least 10%"),
         ({"privacy": {"weight_averaging": 1.0}}, "privacy.weight_averaging"),

@@ -112,6 +112,15 @@ def droppable_channels(
     return tuple(m in names for m in modalities)
 
 
+def _channel_count(modalities: int | Sequence[str]) -> int:
+    if isinstance(modalities, str):
+        raise ModelConfigError(
+            f"modalities must be the list of modality names or their number, got the string "
+            f"{modalities!r}; pass [{modalities!r}]"
+        )
+    return modalities if isinstance(modalities, int) else len(modalities)
+
+
 def build_model(
     model_cfg: ModelConfig,
     modalities: int | Sequence[str],
@@ -138,12 +147,7 @@ def build_model(
     Raises:
         ModelConfigError: inconsistent arguments (see the message for the parameter).
     """
-    if isinstance(modalities, str):
-        raise ModelConfigError(
-            f"modalities must be the list of modality names or their number, got the string "
-            f"{modalities!r}; pass [{modalities!r}]"
-        )
-    in_channels = modalities if isinstance(modalities, int) else len(modalities)
+    in_channels = _channel_count(modalities)
     _check_config(model_cfg, in_channels, num_classes)
     droppable = droppable_channels(model_cfg, modalities)
     strides = model_strides(model_cfg)
