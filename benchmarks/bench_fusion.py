@@ -54,7 +54,10 @@ def run(quick: bool = False, modality_dropout: float = MODALITY_DROPOUT) -> list
         4, 4 if quick else 10, test_cases=2 if quick else 8, scale=2.0 if quick else 1.0
     )
     base = load_config(fed)
-    changes = {"architecture": "fusion", "modality_dropout": modality_dropout}
+    # any modality may be hidden, as this benchmark has always measured (the demo recipe
+    # now restricts dropout to FLAIR: keep that from leaking in through the synth config)
+    changes = {"architecture": "fusion", "modality_dropout": modality_dropout,
+               "droppable_modalities": None}
     if quick:
         changes["channels"] = (8, 16, 32)
     # the cached federation may predate the current demo recipe: apply it

@@ -216,9 +216,9 @@ class EarlyFusionUNet(nn.Module):
         """
         mask = available_mask(x, available, self.in_channels)
         check_spatial_shape(x.shape[2:], self.divisor)
-        if self.training and self.modality_dropout > 0:
+        dropping = self.training and self.modality_dropout > 0
+        if dropping:
             mask = drop_modalities(mask, self.modality_dropout, self.droppable)
-            available = mask
-        if available is not None:
+        if available is not None or dropping:
             x = zero_unavailable(x, mask)
         return self.net(x)
